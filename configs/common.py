@@ -1,0 +1,57 @@
+"""Defaults shared by every experiment config. Each configs/<name>.py overrides what differs."""
+
+import ml_collections
+
+from kforcing_jax import sharding
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # (data, fsdp, tensor); one -1 fills the remaining devices. One CPU is (1, 1, 1).
+  c.mesh_shape = (-1, 1, 1)
+  c.sharding_rules = sharding.DEFAULT_RULES
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shakespeare'        # shakespeare | lm1b | owt
+  c.data.data_dir = 'data'           # TFDS data_dir (local path or gs://...)
+  c.data.manual_dir = ''             # owt: where the user put the downloaded files
+  c.data.seq_len = 128
+  c.data.packing = True              # True: concatenate documents with EOS and cut rows;
+                                     # False: one document per row, padded, loss-masked
+  c.data.tokenizer = 'bpe'           # bpe (trained on the train split) | bert | gpt2
+  c.data.tokenizer_path = ''         # bert: vocab.txt; gpt2: dir with encoder.json + vocab.bpe
+  c.data.vocab_size = 8192           # bpe: size to train
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 8192          # must equal the tokenizer's size (checked at start-up)
+  c.model.pad_vocab_to_multiple_of = 1
+  c.model.mask_id = 0
+  c.model.d_model = 256
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4
+  c.model.dtype = 'float32'          # compute dtype: float32 | bfloat16 (params stay float32)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32            # global batch
+  c.train.steps = 1000
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 50
+  c.train.end_learning_rate_ratio = 0.1
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.eval_batches = 8
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 2
+
+  c.decode = ml_collections.ConfigDict()
+  c.decode.prefix_len = 6
+  c.decode.gen_len = 128             # total length, prefix included
+  c.decode.temperature = 1.0
+  c.decode.num_samples = 4           # completions printed by `generate` / the demo
+  return c

@@ -1,0 +1,82 @@
+"""The push-forward student (PFLM): the teacher backbone plus a noise encoder (METHOD.md s.3).
+
+For context position t the student appends k hint states; hint i (1..k) sits at RoPE position
+t + i and its logits predict the token AT position t + i. Hints carry no token embedding: they
+are the noise encoder's output for (u_{t,i}, tau).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kforcing_jax.models.backbone import Backbone, BackboneConfig, layer_norm
+
+
+def sinusoidal_features(s: jax.Array, dim: int) -> jax.Array:
+  """phi(s) = [cos(2 pi s f_j) | sin(2 pi s f_j)], f_j = 10000^(-j/(dim/2)), j < dim/2."""
+  half = dim // 2
+  freqs = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = 2.0 * math.pi * s.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class NoiseEncoder(nnx.Module):
+  """z = Linear(2D->D)([phi(u) | phi(tau)]); out = z + MLP(LN(z)), LN with bias, erf-GELU."""
+
+  def __init__(self, d_model: int, rngs: nnx.Rngs):
+    d, f = d_model, 4 * d_model
+    normal = lambda shape, fan_in, axes: nnx.Param(  # noqa: E731
+        fan_in ** -0.5 * jax.random.normal(rngs.params(), shape), logical_axes=axes)
+    self.d_model = d
+    self.proj = normal((2 * d, d), 2 * d, (None, 'embed'))
+    self.proj_bias = nnx.Param(jnp.zeros((d,)), logical_axes=('embed',))
+    self.norm_scale = nnx.Param(jnp.ones((d,)), logical_axes=('embed',))
+    self.norm_bias = nnx.Param(jnp.zeros((d,)), logical_axes=('embed',))
+    self.mlp_in = normal((d, f), d, ('embed', 'mlp'))
+    self.mlp_in_bias = nnx.Param(jnp.zeros((f,)), logical_axes=('mlp',))
+    self.mlp_out = normal((f, d), f, ('mlp', 'embed'))
+    self.mlp_out_bias = nnx.Param(jnp.zeros((d,)), logical_axes=('embed',))
+
+  def __call__(self, u: jax.Array, tau: jax.Array) -> jax.Array:
+    """u: (...,) noises; tau broadcastable to u. Returns float32 hints (..., D)."""
+    tau = jnp.broadcast_to(tau, u.shape)
+    feats = jnp.concatenate([sinusoidal_features(u, self.d_model),
+                             sinusoidal_features(tau, self.d_model)], axis=-1)
+    z = feats @ self.proj[...] + self.proj_bias[...]
+    h = layer_norm(z, self.norm_scale[...], self.norm_bias[...])
+    h = jax.nn.gelu(h @ self.mlp_in[...] + self.mlp_in_bias[...], approximate=False)
+    return z + h @ self.mlp_out[...] + self.mlp_out_bias[...]
+
+
+class PushForwardLM(nnx.Module):
+  """Teacher backbone + noise encoder; `k_max` is the widest window it was trained for."""
+
+  def __init__(self, cfg: BackboneConfig, k_max: int, rngs: nnx.Rngs):
+    self.k_max = k_max
+    self.backbone = Backbone(cfg, rngs)
+    self.noise_encoder = NoiseEncoder(cfg.d_model, rngs)
+
+  def hint_states(self, u, tau):
+    return self.noise_encoder(u, tau).astype(self.backbone.cfg.compute_dtype)
+
+  def __call__(self, tokens, u, tau):
+    """All-windows training forward.
+
+    tokens: (B, N); u: (B, N, k) with k <= k_max; tau: (B,) temperature per sequence.
+    Returns hint logits (B, N, k, V) - slot (t, i-1) predicts token t + i - and the per-layer
+    context (k, v), which are exactly the teacher's causal computation on `tokens`.
+    """
+    n, k = tokens.shape[1], u.shape[2]
+    positions = jnp.arange(n)
+    x = self.backbone.embed_tokens(tokens)
+    hints = self.hint_states(u, tau[:, None, None])
+    hint_positions = positions[:, None] + jnp.arange(1, k + 1)[None, :]
+    ctx_len = (positions + 1)[None, :]
+    ctx_kvs = []
+    for layer in range(self.backbone.cfg.num_layers):
+      x, (ck, cv) = self.backbone.context_layer(layer, x, positions[None, :])
+      hints, _ = self.backbone.window_layer(layer, hints, hint_positions[None], ck, cv, ctx_len)
+      ctx_kvs.append((ck, cv))
+    return self.backbone.logits(hints), ctx_kvs
