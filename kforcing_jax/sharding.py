@@ -143,3 +143,13 @@ def log_parameter_shardings(logical_tree, shapes, mesh: Mesh, rules=DEFAULT_RULE
     raise ValueError(f'fsdp={mesh.shape["fsdp"]} but these large parameters stay fully '
                      f'replicated: {replicated_large}; fix config.sharding_rules.')
   return total
+
+
+def global_batch(local: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+  """Assemble per-process numpy batches (leading dim = this host's rows) into global arrays."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
+          for k, v in local.items()}
+
+
+def mesh_from_config(config) -> Mesh:
+  return make_mesh(tuple(config.mesh_shape))

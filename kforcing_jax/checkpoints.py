@@ -1,0 +1,74 @@
+"""Orbax checkpoints: full training state for resume, params-only exports for inference.
+
+Restores always target abstract arrays that carry the *current* mesh's shardings, so a
+checkpoint written on one mesh (or number of hosts) restores on any other, including one CPU.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with the given shardings: the restore target for `tree`'s structure."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """Keep-last-N, asynchronous saves of {'state': pytree, 'meta': json} under `directory`."""
+
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state):
+    """Returns (state, meta) laid out as `abstract_state`'s shardings say."""
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'checkpoint {self.directory} step {step} does not match this '
+                       f'config\'s model/optimizer ({e}). Use a fresh --workdir or the config '
+                       'that wrote it.') from e
+    return restored['state'], restored['meta']
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def export_params(directory: str, params, meta: dict) -> None:
+  """A params-only checkpoint (synchronous) for inference and stage initialisation."""
+  ckpt = Checkpointer(directory, keep=1, async_save=False)
+  ckpt.save(0, params, meta)
+  ckpt.close()
+
+
+def has_params(directory: str) -> bool:
+  return os.path.isdir(directory) and Checkpointer(directory).latest_step() is not None
+
+
+def import_params(directory: str, abstract_params):
+  """Load a params-only export onto `abstract_params`' shardings. Returns (params, meta)."""
+  ckpt = Checkpointer(directory, keep=1, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no parameters exported under {directory}.')
+  return ckpt.restore(step, abstract_params)

@@ -1,0 +1,86 @@
+"""The training state {step, params, opt_state}, its optimizer, shardings and jitted update.
+
+Shared by teacher training and every distillation stage: only the loss differs.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from kforcing_jax import sharding
+from kforcing_jax.models import FunctionalModel
+
+
+def make_optimizer(tc, total_steps: int) -> optax.GradientTransformation:
+  """AdamW, linear warm-up then cosine decay, global-norm clipping; no decay on vectors."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate,
+      warmup_steps=min(tc.warmup_steps, max(total_steps - 1, 1)),
+      decay_steps=max(total_steps, 2), end_value=tc.learning_rate * tc.end_learning_rate_ratio)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                     optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                                 mask=decay_mask))
+
+
+def param_shardings(model: FunctionalModel, mesh: Mesh, rules):
+  return sharding.tree_shardings(model.logical_axes, model.param_shapes, mesh, rules)
+
+
+def abstract_train_state(model: FunctionalModel, optimizer, mesh: Mesh, rules):
+  """ShapeDtypeStructs (with shardings) of {step, params, opt_state}.
+
+  Optimizer moments are sharded like their parameters; scalars are replicated.
+  """
+  p_shard = param_shardings(model, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, model.param_shapes)
+  opt_shard = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract_opt, p_shard,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  shardings = {'step': sharding.replicated(mesh), 'params': p_shard, 'opt_state': opt_shard}
+  shapes = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': model.param_shapes,
+            'opt_state': abstract_opt}
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def shardings_of(abstract_tree):
+  return jax.tree.map(lambda x: x.sharding, abstract_tree)
+
+
+def make_init_state(model: FunctionalModel, optimizer, abstract_state,
+                    params_fn: Callable[[jax.Array], Any] | None = None):
+  """Jitted rng -> state, created directly in its target shardings (never on one host)."""
+  params_fn = params_fn or model.init
+
+  def init(rng):
+    params = params_fn(rng)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': optimizer.init(params)}
+
+  return jax.jit(init, out_shardings=shardings_of(abstract_state))
+
+
+def make_train_step(loss_fn: Callable, optimizer, abstract_state, batch_shardings, mesh,
+                    rules, extra_args_shardings=()):
+  """Jitted (state, batch, *extra) -> (state, metrics); the state is donated.
+
+  loss_fn(params, batch, *extra) -> (loss, metrics dict). `extra` are read-only inputs such
+  as a frozen teacher's parameters: they are never donated and get no optimizer state.
+  """
+  def step(state, batch, *extra):
+    with sharding.use_mesh_rules(mesh, rules):
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state['params'], batch, *extra)
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, metrics
+
+  state_sh = shardings_of(abstract_state)
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(state_sh, batch_shardings) + tuple(extra_args_shardings),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
