@@ -49,9 +49,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 2
 
+  c.distill = ml_collections.ConfigDict()
+  c.distill.stages = ((1, 300), (2, 300), (4, 300))  # (k, steps): each stage doubles k
+  c.distill.batch_size = 32
+  c.distill.learning_rate = 1e-3
+  c.distill.warmup_steps = 20
+  c.distill.end_learning_rate_ratio = 0.1
+  c.distill.weight_decay = 0.0
+  c.distill.b1 = 0.9
+  c.distill.b2 = 0.95
+  c.distill.grad_clip = 1.0
+  c.distill.tau_range = (1.0, 1.0)   # tau ~ U[lo, hi] per sequence; (1, 1) = fixed 1.0
+  c.distill.data_weight = 0.0        # weight of the noise-inversion data term (0 = off)
+  c.distill.log_every = 10
+  c.distill.eval_every = 100
+  c.distill.eval_batches = 4
+  c.distill.checkpoint_every = 100
+  c.distill.keep_checkpoints = 2
+
   c.decode = ml_collections.ConfigDict()
   c.decode.prefix_len = 6
   c.decode.gen_len = 128             # total length, prefix included
   c.decode.temperature = 1.0
   c.decode.num_samples = 4           # completions printed by `generate` / the demo
+  # frequency penalty lambda per decode k (METHOD.md s.3); keys are strings for ml_collections
+  c.decode.freq_penalty = {'1': 0.0, '2': 0.2, '3': 0.4, '4': 0.5}
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = 'test'              # held-out split the prompts come from
+  c.eval.num_samples = 32            # completions per model for the quality metrics
+  c.eval.batch_sizes = (1, 4, 16, 64, 256)
+  c.eval.repeats = 3                 # timed repeats per (model, batch); the median is reported
+  c.eval.evaluator_workdir = ''      # a second AR model's run dir (its teacher/params), or ''
   return c

@@ -19,6 +19,13 @@ def get_config():
   c.train.eval_every = 20
   c.train.eval_batches = 2
   c.train.checkpoint_every = 10
+  c.distill.stages = ((1, 20), (2, 20), (4, 20))
+  c.distill.batch_size = 8
+  c.distill.warmup_steps = 2
+  c.distill.log_every = 5
+  c.distill.eval_every = 20
+  c.distill.eval_batches = 1
+  c.distill.checkpoint_every = 10
   c.decode.gen_len = 24
   c.decode.num_samples = 2
   return c
