@@ -20,15 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from kforcing_jax import checkpoints, distributed, loop, progress, sampling, sharding, train
+from kforcing_jax import checkpoints, cli, distributed, loop, progress, sampling, sharding, train
 from kforcing_jax import train_state
 from kforcing_jax.models import FunctionalModel, backbone_config
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (holds teacher/ already).')
 _STAGE = flags.DEFINE_integer('stage', None, 'Run only the stage with this k.')
 
 
@@ -56,7 +52,7 @@ def init_student_from(source_params: dict, student_params: dict, source_kind: st
                        f'{fresh.shape}: the teacher config (vocab, d_model, layers, heads) '
                        'does not match this config.')
     copied.append(name)
-    return src
+    return jnp.copy(src)  # a copy: the student's state is donated, the teacher's is not
 
   out = {'backbone': jax.tree_util.tree_map_with_path(take, student_params['backbone'])}
   if source_kind == 'pflm':
@@ -78,7 +74,7 @@ def _same_shape(tree, path, fresh, copied):
     raise ValueError(f'noise_encoder{jax.tree_util.keystr(path)}: shape {src.shape} != '
                      f'{fresh.shape}.')
   copied.append('noise_encoder' + jax.tree_util.keystr(path))
-  return src
+  return jnp.copy(src)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -385,9 +381,9 @@ def run(config, workdir: str, only_stage: int | None = None) -> dict:
 def main(argv):
   del argv
   distributed.initialize()
-  run(_CONFIG.value, _WORKDIR.value, _STAGE.value)
+  run(cli.CONFIG.value, cli.WORKDIR.value, _STAGE.value)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -6,13 +6,9 @@ import os
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from kforcing_jax import checkpoints, data, decode, distill, distributed, train, train_state
+from kforcing_jax import checkpoints, cli, decode, distill, distributed, train, train_state
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with teacher/ and student_k*/.')
 _PROMPTS = flags.DEFINE_multi_string('prompt', ['To be, or not to be'], 'Prompt text(s).')
 _K = flags.DEFINE_integer('k', 0, '0 = AR teacher; otherwise decode the student with this k.')
 _STUDENT_K = flags.DEFINE_integer('student', None, 'Which student stage (default: k itself).')
@@ -57,10 +53,10 @@ def complete(config, model, params, tokenizer, prompts: list[str], k: int, seed:
 def main(argv):
   del argv
   distributed.initialize()
-  config = _CONFIG.value
+  config = cli.CONFIG.value
   exp = train.Experiment(config)
   stage = _STUDENT_K.value or _K.value
-  model, params = load_model(config, _WORKDIR.value, stage, exp.mesh, exp.rules)
+  model, params = load_model(config, cli.WORKDIR.value, stage, exp.mesh, exp.rules)
   texts = complete(config, model, params, exp.tokenizer, _PROMPTS.value, _K.value, _SEED.value)
   name = 'AR teacher' if _K.value == 0 else f'student k_max={stage}, decode k={_K.value}'
   for prompt, text in zip(_PROMPTS.value, texts):
@@ -68,5 +64,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -8,13 +8,9 @@ import os
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from kforcing_jax import data, distill, distributed, evaluate, progress, train
+from kforcing_jax import cli, data, distill, distributed, evaluate, progress, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run directory.')
 
 
 def banner(text: str) -> None:
@@ -41,7 +37,7 @@ def run(config, workdir: str) -> None:
 def main(argv):
   del argv
   distributed.initialize()
-  run(_CONFIG.value, _WORKDIR.value)
+  run(cli.CONFIG.value, cli.WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -102,8 +102,7 @@ def use_mesh_rules(mesh: Mesh, rules=DEFAULT_RULES):
   """Activate `mesh` and `rules` for `constrain` calls made while tracing."""
   _active.append((mesh, tuple(rules)))
   try:
-    with jax.set_mesh(mesh):
-      yield
+    yield
   finally:
     _active.pop()
 

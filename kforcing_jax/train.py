@@ -12,14 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from kforcing_jax import checkpoints, data, distributed, loop, progress, sharding, train_state
+from kforcing_jax import checkpoints, cli, data, distributed, loop, progress, sharding
+from kforcing_jax import train_state
 from kforcing_jax.models import FunctionalModel, backbone_config
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
 
 
 def teacher_model(config) -> FunctionalModel:
@@ -127,9 +124,9 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   del argv
   distributed.initialize()
-  run(_CONFIG.value, _WORKDIR.value)
+  run(cli.CONFIG.value, cli.WORKDIR.value)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   app.run(main)
