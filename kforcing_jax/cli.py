@@ -3,7 +3,7 @@
 Mains stay thin: parse flags, `distributed.initialize()`, call `run(config, workdir)`.
 """
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
@@ -11,3 +11,8 @@ CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file
                                          '--config.train.steps=100 etc.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run directory: teacher/, student_k*/, '
                               'report/.')
+
+
+def quiet_libraries() -> None:
+  """Keep orbax/absl INFO chatter out of the progress output (warnings still show)."""
+  logging.set_verbosity(logging.WARNING)

@@ -338,7 +338,7 @@ def make_stage_eval(stage: Stage, batches):
       acc, total, base, n = acc + c_i, total + c_tot, base + c_base, n + c_n
     n = max(n, 1.0)
     out = {f'acc_{i + 1}': float(acc[i] / n) for i in range(k)}
-    out.update(acc_total=float(total / n), baseline_acc_total=float(base / n), windows=n)
+    out.update(acc_total=float(total / n), baseline_acc_total=float(base / n), windows=float(n))
     return out
 
   return evaluate
@@ -380,6 +380,7 @@ def run(config, workdir: str, only_stage: int | None = None) -> dict:
 
 def main(argv):
   del argv
+  cli.quiet_libraries()
   distributed.initialize()
   run(cli.CONFIG.value, cli.WORKDIR.value, _STAGE.value)
 

@@ -52,6 +52,7 @@ def complete(config, model, params, tokenizer, prompts: list[str], k: int, seed:
 
 def main(argv):
   del argv
+  cli.quiet_libraries()
   distributed.initialize()
   config = cli.CONFIG.value
   exp = train.Experiment(config)

@@ -36,6 +36,7 @@ def run(config, workdir: str) -> None:
 
 def main(argv):
   del argv
+  cli.quiet_libraries()
   distributed.initialize()
   run(cli.CONFIG.value, cli.WORKDIR.value)
 

@@ -13,6 +13,8 @@ to keep the properties that matter, independent of rounding in the cumulative su
     entry is exactly 1.0, and the last positive token is the fallback);
   * elsewhere it agrees with a float64 reference except for u within ~1e-6 of an interval
     edge (tests/test_sampling.py measures this).
+METHOD.md writes "smallest v with CDF(v) >= u"; ">" differs only for u exactly on an edge
+and is what makes u = 0 skip leading zero-probability tokens.
 """
 
 import jax
@@ -25,10 +27,20 @@ def probabilities(logits: jax.Array, temperature: jax.Array | float = 1.0) -> ja
   return jax.nn.softmax(logits.astype(jnp.float32) / temperature[..., None], axis=-1)
 
 
+def monotone_cdf(probs: jax.Array) -> jax.Array:
+  """CDF in token-id order, normalised to end at exactly 1.0 and made non-decreasing.
+
+  XLA may compute each prefix sum separately (reduce_window), so a float32 cumsum can step
+  DOWN by one ulp at a tiny-probability token; the running max removes that, which is what
+  makes the sampler and `token_cdf_interval` describe the same u-intervals.
+  """
+  cdf = jnp.cumsum(probs, axis=-1)
+  return jax.lax.cummax(cdf / cdf[..., -1:], axis=probs.ndim - 1)
+
+
 def inverse_cdf_from_probs(probs: jax.Array, u: jax.Array) -> jax.Array:
   """Smallest v with CDF(v) > u and probs[v] > 0. probs: (..., V); u: (...) in [0, 1)."""
-  cdf = jnp.cumsum(probs, axis=-1)
-  cdf = cdf / cdf[..., -1:]
+  cdf = monotone_cdf(probs)
   positive = probs > 0
   hit = (cdf > u[..., None]) & positive
   vocab = probs.shape[-1]
@@ -49,8 +61,7 @@ def token_cdf_interval(probs: jax.Array, tokens: jax.Array) -> tuple[jax.Array, 
 
   Used for noise inversion: u drawn uniformly in [lo, hi) reproduces the real token.
   """
-  cdf = jnp.cumsum(probs, axis=-1)
-  cdf = cdf / cdf[..., -1:]
+  cdf = monotone_cdf(probs)
   below = jnp.concatenate([jnp.zeros_like(cdf[..., :1]), cdf[..., :-1]], axis=-1)
   hi = jnp.take_along_axis(cdf, tokens[..., None], axis=-1)[..., 0]
   lo = jnp.take_along_axis(below, tokens[..., None], axis=-1)[..., 0]

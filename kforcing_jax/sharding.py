@@ -7,7 +7,6 @@ edit, never a code edit. A single CPU is simply a 1x1x1 mesh running the same co
 """
 
 import contextlib
-import logging
 import math
 from typing import Any, Sequence
 
@@ -119,8 +118,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def log_parameter_shardings(logical_tree, shapes, mesh: Mesh, rules=DEFAULT_RULES,
-                            large: int = 1 << 20) -> int:
-  """Log every parameter's shape and PartitionSpec; fail if a large one is replicated under fsdp.
+                            large: int = 1 << 20, verbose: bool = True) -> int:
+  """Print every parameter's shape and PartitionSpec; fail if a large one is replicated
+  while fsdp > 1.
 
   Returns the parameter count.
   """
@@ -134,10 +134,12 @@ def log_parameter_shardings(logical_tree, shapes, mesh: Mesh, rules=DEFAULT_RULE
     size = math.prod(shp.shape)
     total += size
     name = jax.tree_util.keystr(path)
-    logging.info('param %-40s %-18s %s', name, shp.shape, spec)
+    if verbose and jax.process_index() == 0:
+      print(f'  param {name:<40s} {str(shp.shape):<20s} {spec}')
     if size >= large and all(s is None for s in spec):
       replicated_large.append(name)
-  logging.info('parameters: %d (%.2fM)', total, total / 1e6)
+  if jax.process_index() == 0:
+    print(f'  parameters: {total:,} ({total / 1e6:.2f}M) on mesh {dict(mesh.shape)}', flush=True)
   if mesh.shape['fsdp'] > 1 and replicated_large:
     raise ValueError(f'fsdp={mesh.shape["fsdp"]} but these large parameters stay fully '
                      f'replicated: {replicated_large}; fix config.sharding_rules.')

@@ -123,6 +123,7 @@ def run(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  cli.quiet_libraries()
   distributed.initialize()
   run(cli.CONFIG.value, cli.WORKDIR.value)
 
