@@ -132,7 +132,8 @@ def greedy_rollout(ar: FunctionalModel, params, tokens, k: int):
 def inverted_noise(ar: FunctionalModel, params, tokens, k: int, r, tau):
   """Noise inversion of real continuations: u_{t,i} uniform inside the AR teacher's CDF
   interval of the real token x_{t+i} (same id order as the sampler). r: (B, N, k) in [0,1).
-  Returns (u (B, N, k), real targets (B, N, k), valid (B, N, k))."""
+  Returns (u (B, N, k), real targets (B, N, k), valid (B, N, k)): slot i of window t is
+  valid when x_{t+i} is inside the sequence and has a non-empty interval."""
   logits, _ = ar.module(params)(tokens)
   probs = sampling.probabilities(logits, tau[:, None])                 # (B, N, V)
   n = tokens.shape[1]
@@ -141,9 +142,10 @@ def inverted_noise(ar: FunctionalModel, params, tokens, k: int, r, tau):
   pred = jnp.minimum(idx, n - 1)
   target = jnp.take(tokens, jnp.minimum(idx + 1, n - 1), axis=1)      # (B, N, k)
   lo, hi = sampling.token_cdf_interval(probs[:, pred], target)
-  u = lo + (hi - lo) * r
-  u = jnp.minimum(u, jnp.nextafter(hi, 0.0))
-  return jnp.clip(u, 0.0, 1.0), target, valid[None]
+  u = jnp.minimum(lo + (hi - lo) * r, jnp.nextafter(hi, 0.0))
+  # a real token whose probability is below float32 resolution has an empty interval: no u
+  # reproduces it, so that slot is left out of the data term
+  return jnp.clip(u, 0.0, 1.0), target, valid[None] & (hi > lo)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -181,7 +183,7 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
   if dc.data_weight > 0:
     u_inv, real, valid = inverted_noise(ar_params[0], ar_params[1], tokens, k, batch['r'], tau)
     data_logits, _ = student.module(params)(tokens, jax.lax.stop_gradient(u_inv), tau)
-    w = window_mask(batch['mask'], k)
+    w = window_mask(batch['mask'], k) & jnp.all(valid, axis=-1)
     data_loss_i, *_ = slot_metrics(data_logits, real, w)
     metrics['data_loss'] = data_loss_i.mean()
     loss = loss + dc.data_weight * data_loss_i.mean()
