@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = ml_collections.ConfigDict()
   c.distill.stages = ((1, 300), (2, 300), (4, 300))  # (k, steps): each stage doubles k
   c.distill.batch_size = 32
+  c.distill.seq_len = 0              # windows per row: the first seq_len tokens (0 = data.seq_len)
   c.distill.learning_rate = 1e-3
   c.distill.warmup_steps = 20
   c.distill.end_learning_rate_ratio = 0.1

@@ -249,7 +249,10 @@ class Stage:
 
   def _batch_fn(self, split, batch_size, shuffle, seed_offset):
     tokens_at = self.exp.batch_fn(split, batch_size, shuffle)
-    n = self.exp.config.data.seq_len
+    n = self.dc.seq_len or self.exp.config.data.seq_len
+    if n > self.exp.config.data.seq_len:
+      raise ValueError(f'distill.seq_len={n} exceeds data.seq_len='
+                       f'{self.exp.config.data.seq_len}.')
     procs, pid = jax.process_count(), jax.process_index()
     rows = slice(pid * batch_size // procs, (pid + 1) * batch_size // procs)
 
@@ -257,7 +260,8 @@ class Stage:
       noise = stage_noise(self.exp.config.seed + seed_offset, step, batch_size, n, self.k,
                           self.dc)
       local = {key: v[rows] for key, v in noise.items()}
-      return dict(tokens_at(step), **sharding.global_batch(local, self.exp.mesh, self.exp.rules))
+      batch = {key: v[:, :n] for key, v in tokens_at(step).items()}
+      return dict(batch, **sharding.global_batch(local, self.exp.mesh, self.exp.rules))
     return batch_at
 
   def run(self) -> dict:

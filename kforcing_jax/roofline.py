@@ -1,0 +1,229 @@
+"""A roofline model of one decode step: AR (1 token per forward) vs k-token PFLM steps.
+
+Per-step cost, two independent counts:
+  * analytic (`analytic_step_cost`, used for the prediction): matmul FLOPs of every slot through
+    every layer, attention over the whole preallocated cache, the output head per logit row,
+    the noise encoder per hint; bytes = every weight once + the KV cache read + new K/V, logits
+    and penalty counts written and read. Exactly affine in the batch B (weights are read once
+    per step, everything else scales with B), so `affine_cost` fits it from B = 1 and 2.
+  * XLA (`xla_step_cost`): `jax.jit(step).lower(...).compile().cost_analysis()` of ONE decode
+    step, the body of decode.generate_ar / generate_pflm rebuilt here from decode's own building
+    blocks - not of the whole generate function, because XLA's cost analysis counts a
+    while_loop body once. Its FLOPs agree with the analytic count within a few percent (it also
+    counts elementwise work); its bytes sum the operands and results of every unfused op, an
+    upper bound on memory traffic (tests compare the two).
+
+The device side is measured in-process: peak matmul FLOP/s (a large square matmul in the
+model's compute dtype) and memory bandwidth (the faster of a large reduction and a large
+elementwise copy). A step then takes max(flops / peak, bytes / bandwidth), and the predicted
+speed-up of a k-token student over the AR teacher at batch B is
+    steps_ar * t_ar(B) / (steps_k * t_k(B)),
+with steps = ceil(new tokens / decode_k). In the memory-bound regime (small B: the weights
+dominate the bytes and both steps read them once) t_k ~ t_ar and the speed-up approaches k;
+in the compute-bound regime the k-token step processes 2k slots (k tokens + k hints) to emit
+k tokens, so per token it costs ~2x the AR step (less the shared output-head work) and the
+speed-up falls below 1. METHOD.md s.5.
+"""
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import decode, sampling
+from kforcing_jax.models import FunctionalModel
+
+
+# ----------------------------------------------------------------------------- device
+
+def _best_seconds(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def measure_peak_flops(dtype='float32', size: int | None = None, repeats: int = 5) -> dict:
+  """FLOP/s of one large (size x size) @ (size x size) matmul in `dtype`, best of `repeats`."""
+  size = size or (2048 if jax.devices()[0].platform == 'cpu' else 8192)
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (size, size), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (size, size), jnp.float32).astype(dtype)
+  seconds = _best_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  return {'flops_per_s': 2 * size ** 3 / seconds, 'matmul_size': size, 'dtype': str(dtype)}
+
+
+def measure_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> dict:
+  """Bytes/s of a float32 reduction (reads N) and of an elementwise scale (reads + writes N)."""
+  num_bytes = num_bytes or (256 << 20 if jax.devices()[0].platform == 'cpu' else 2 << 30)
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  reduce_s = _best_seconds(jax.jit(jnp.sum), x, repeats=repeats)
+  copy_s = _best_seconds(jax.jit(lambda v: v * 1.5), x, repeats=repeats)
+  read, copy = num_bytes / reduce_s, 2 * num_bytes / copy_s
+  return {'bytes_per_s': max(read, copy), 'reduce_bytes_per_s': read, 'copy_bytes_per_s': copy,
+          'array_bytes': num_bytes}
+
+
+# ----------------------------------------------------------------------------- one step
+
+def _ar_step(model: FunctionalModel, temperature: float):
+  """The body of decode.generate_ar: one token in, one token out, cache updated."""
+  def step(params, cache, token, pos, key):
+    backbone = model.module(params)
+    batch = token.shape[0]
+    hidden, cache = decode.window_step(backbone, cache, pos, backbone.embed_tokens(token),
+                                       pos[None], 1)
+    u = decode.position_uniforms(key, pos[None] + 1, batch)[:, 0]
+    logits = backbone.logits(hidden[:, 0])
+    return sampling.inverse_cdf_sample(logits, u, temperature), cache
+  return step
+
+
+def _pflm_step(model: FunctionalModel, k: int, freq_penalty: float):
+  """The body of decode.generate_pflm: k pending tokens + k hints in, k tokens out."""
+  def step(params, cache, pending, start, key, counts):
+    student = model.module(params)
+    backbone = student.backbone
+    batch = pending.shape[0]
+    out_pos = start + k + jnp.arange(k)
+    hints = student.hint_states(decode.position_uniforms(key, out_pos, batch),
+                                jnp.ones((batch, 1), jnp.float32))
+    slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
+    hidden, cache = decode.window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
+    logits = backbone.logits(hidden[:, k:])
+    tokens, counts = decode.penalized_argmax(logits, counts, freq_penalty,
+                                             jnp.ones((batch, k), bool))
+    return tokens, counts, cache
+  return step
+
+
+def _as_dict(cost):
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def xla_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: int, *,
+                  temperature: float = 1.0, freq_penalty: float = 0.0) -> dict:
+  """{'flops', 'bytes'} of one compiled decode step at `batch` (decode_k 0 = the AR step).
+
+  Lowered on abstract shapes only: no parameters or device memory are needed."""
+  cfg = model.cfg
+  cache_len = gen_len if decode_k == 0 else gen_len + decode_k  # as the decode loops allocate
+  cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, cache_len))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  pos = jax.ShapeDtypeStruct((), jnp.int32)
+  if decode_k == 0:
+    step = _ar_step(model, temperature)
+    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32), pos, key)
+  else:
+    step = _pflm_step(model, decode_k, freq_penalty)
+    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, decode_k), jnp.int32), pos,
+            key, jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
+  cost = _as_dict(jax.jit(step, donate_argnums=(1,)).lower(*args).compile().cost_analysis())
+  return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
+
+
+def analytic_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: int) -> dict:
+  """Hand-counted {'flops', 'bytes'} of one decode step (decode_k 0 = the AR step).
+
+  FLOPs: matmuls (2 per multiply-add) of every slot through every layer, attention against
+  the whole preallocated cache (the decode loops mask, they do not shorten it), the output
+  head for every logit row, the noise encoder for every hint. Bytes: every weight once
+  (float32; the embedding table only for the gathered rows), the K/V cache read, the new K/V
+  written, logits written and read back (and the penalty counts for k-token steps).
+  """
+  cfg = model.cfg
+  d, f, v, layers = cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.num_layers
+  act = jnp.dtype(cfg.compute_dtype).itemsize
+  if decode_k == 0:
+    slots, new_tokens, rows, hints, cache_len = 1, 1, 1, 0, gen_len
+  else:
+    slots, new_tokens, rows, hints = 2 * decode_k, decode_k, decode_k, decode_k
+    cache_len = gen_len + decode_k
+  per_slot_layer = 8 * d * d + 4 * d * f + 4 * d * (cache_len + slots)
+  flops_row = layers * slots * per_slot_layer + rows * 2 * d * v + hints * 20 * d * d
+  weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes))
+  weights -= v * d  # the embedding table: only the gathered rows are read
+  weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)
+  bytes_row = (layers * 2 * d * act * (cache_len + new_tokens) + new_tokens * d * 4
+               + 2 * rows * v * 4 + (2 * decode_k * v * 4 if decode_k else 0))
+  return {'flops': float(batch * flops_row), 'bytes': float(weight_bytes + batch * bytes_row)}
+
+
+def affine_cost(cost_fn, batch_lo: int = 1, batch_hi: int = 2) -> dict:
+  """Fit cost(B) = const + per_row * B for flops and bytes from two batch sizes."""
+  lo, hi = cost_fn(batch_lo), cost_fn(batch_hi)
+  out = {}
+  for name in ('flops', 'bytes'):
+    per_row = (hi[name] - lo[name]) / (batch_hi - batch_lo)
+    out[name] = {'const': lo[name] - per_row * batch_lo, 'per_row': per_row}
+  return out
+
+
+def cost_at(affine: dict, batch: float) -> tuple[float, float]:
+  return (affine['flops']['const'] + affine['flops']['per_row'] * batch,
+          affine['bytes']['const'] + affine['bytes']['per_row'] * batch)
+
+
+def step_seconds(affine: dict, batch: float, peak_flops: float, bandwidth: float) -> float:
+  flops, nbytes = cost_at(affine, batch)
+  return max(flops / peak_flops, nbytes / bandwidth)
+
+
+def decode_steps(prefix_len: int, gen_len: int, decode_k: int) -> int:
+  """Forward passes after prefill: one per token for AR, one per k tokens for PFLM."""
+  return math.ceil((gen_len - prefix_len) / max(decode_k, 1))
+
+
+def predicted_speedup(ar: dict, student: dict, batch: float, peak_flops: float,
+                      bandwidth: float) -> float:
+  """ar / student: {'affine': ..., 'steps': int}."""
+  t_ar = ar['steps'] * step_seconds(ar['affine'], batch, peak_flops, bandwidth)
+  t_k = student['steps'] * step_seconds(student['affine'], batch, peak_flops, bandwidth)
+  return t_ar / t_k
+
+
+def crossover(speedup_at, lo: float = 1.0, hi: float = float(1 << 20)) -> float | None:
+  """Smallest batch in [lo, hi] where speedup_at(B) falls from >= 1 to < 1 (log-linear
+  interpolation on a fine geometric grid); None when it never crosses there."""
+  grid = np.geomspace(lo, hi, 16 * int(math.log2(hi / lo)) + 1)
+  values = np.array([speedup_at(b) for b in grid])
+  for i in range(len(grid) - 1):
+    if values[i] >= 1.0 > values[i + 1]:
+      return interpolate_crossing(grid[i], values[i], grid[i + 1], values[i + 1])
+  return None
+
+
+def interpolate_crossing(b0, s0, b1, s1) -> float:
+  """Batch where the segment (log b0, s0) -> (log b1, s1) meets speed-up 1."""
+  frac = (s0 - 1.0) / (s0 - s1)
+  return float(math.exp(math.log(b0) + frac * (math.log(b1) - math.log(b0))))
+
+
+def measured_crossover(batches, speedups) -> float | None:
+  """First crossing of 1 (from above) between measured batch sizes, log-linear; else None."""
+  pairs = sorted(zip(batches, speedups))
+  for (b0, s0), (b1, s1) in zip(pairs, pairs[1:]):
+    if s0 >= 1.0 > s1:
+      return interpolate_crossing(b0, s0, b1, s1)
+  return None
+
+
+def compute_bound_from(affine: dict, peak_flops: float, bandwidth: float) -> float | None:
+  """The batch from which the step is compute-bound (flops/peak >= bytes/bw); None if never."""
+  f0, f1 = affine['flops']['const'] / peak_flops, affine['flops']['per_row'] / peak_flops
+  m0, m1 = affine['bytes']['const'] / bandwidth, affine['bytes']['per_row'] / bandwidth
+  if f0 >= m0:
+    return 0.0 if f1 >= m1 else None
+  if f1 <= m1:
+    return None
+  return (m0 - f0) / (f1 - m1)
+
+
+def regime(affine: dict, batch: float, peak_flops: float, bandwidth: float) -> str:
+  flops, nbytes = cost_at(affine, batch)
+  return 'compute' if flops / peak_flops >= nbytes / bandwidth else 'memory'
