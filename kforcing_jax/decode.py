@@ -29,20 +29,17 @@ def position_uniforms(key: jax.Array, positions: jax.Array, batch: int) -> jax.A
 
 
 def init_cache(backbone_cfg, batch: int, length: int):
-  shape = (batch, length, backbone_cfg.num_heads, backbone_cfg.head_dim)
+  """Per-layer (k, v), each head-major (B, H, length, Dh) in the compute dtype."""
+  shape = (batch, backbone_cfg.num_heads, length, backbone_cfg.head_dim)
   zeros = lambda: jnp.zeros(shape, backbone_cfg.compute_dtype)  # noqa: E731
   return [(zeros(), zeros()) for _ in range(backbone_cfg.num_layers)]
 
 
-def write_cache(cache, kvs, start, count: int):
-  """Write the first `count` slots of each layer's window (k, v) (B, T, W, H, Dh) at `start`."""
-  out = []
-  for (ck, cv), (k, v) in zip(cache, kvs):
-    k = k.reshape(k.shape[0], -1, *k.shape[-2:])[:, :count]
-    v = v.reshape(v.shape[0], -1, *v.shape[-2:])[:, :count]
-    out.append((jax.lax.dynamic_update_slice_in_dim(ck, k, start, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(cv, v, start, axis=1)))
-  return out
+def write_cache(cache, kvs, start):
+  """Write per-layer head-major (k, v) (B, H, n, Dh) into the cache at positions start.."""
+  return [(jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=2),
+           jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=2))
+          for (ck, cv), (k, v) in zip(cache, kvs)]
 
 
 def prefill(backbone, cache, tokens):
@@ -53,16 +50,35 @@ def prefill(backbone, cache, tokens):
   positions = jnp.arange(tokens.shape[1])[None]
   kvs = []
   for layer in range(backbone.cfg.num_layers):
-    x, (k, v) = backbone.context_layer(layer, x, positions)
-    kvs.append((k[:, None], v[:, None]))
-  return write_cache(cache, kvs, 0, tokens.shape[1])
+    x, kv = backbone.context_layer(layer, x, positions)
+    kvs.append(kv)
+  return write_cache(cache, kvs, 0)
 
 
 def window_step(backbone, cache, cache_len, slots, positions, num_tokens: int):
   """One decode step. slots: (B, W, D) states at `positions` (W,); the first `num_tokens`
   slots are tokens to cache. Returns final hidden states (B, W, D) and the updated cache."""
   hidden, kvs = backbone.window_stream(slots[:, None], positions[None, None], cache, cache_len)
-  return hidden[:, 0], write_cache(cache, kvs, cache_len, num_tokens)
+  # window (k, v) are (B, 1, W, H, Dh): the token slots go into the cache, head-major
+  new = [tuple(jnp.swapaxes(x[:, 0, :num_tokens], 1, 2) for x in kv) for kv in kvs]
+  return hidden[:, 0], write_cache(cache, new, cache_len)
+
+
+def ar_step(backbone, cache, token, pos, u, temperature):
+  """The AR loop body: token (B, 1) at position `pos` -> (next token (B,), its logits, cache)."""
+  hidden, cache = window_step(backbone, cache, pos, backbone.embed_tokens(token), pos[None], 1)
+  logits = backbone.logits(hidden[:, 0])
+  return sampling.inverse_cdf_sample(logits, u, temperature), logits, cache
+
+
+def pflm_step(backbone, cache, pending, start, hints, counts, freq_penalty: float, active):
+  """The k-token loop body: pending tokens (B, k) at start..start+k-1 and hint states
+  (B, k, D) for start+k..start+2k-1 -> (k tokens (B, k), updated counts, cache)."""
+  k = pending.shape[1]
+  slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
+  hidden, cache = window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
+  tokens, counts = penalized_argmax(backbone.logits(hidden[:, k:]), counts, freq_penalty, active)
+  return tokens, counts, cache
 
 
 def penalized_argmax(logits, counts, freq_penalty: float, active):
@@ -114,13 +130,12 @@ def generate_ar(model: FunctionalModel, params, prompts, key, temperature=1.0, *
 
     def body(state):
       pos, tokens, cache, done, logit_rows = state
-      x = backbone.embed_tokens(jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1))
-      hidden, cache = window_step(backbone, cache, pos, x, pos[None], 1)
       u = position_uniforms(key, pos[None] + 1, batch)[:, 0]
-      logits = backbone.logits(hidden[:, 0])
+      nxt, logits, cache = ar_step(backbone, cache,
+                                   jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1), pos, u,
+                                   temperature)
       if return_logits:
         logit_rows = jax.lax.dynamic_update_slice_in_dim(logit_rows, logits[:, None], pos + 1, 1)
-      nxt = sampling.inverse_cdf_sample(logits, u, temperature)
       nxt = jnp.where(done, cfg.mask_id, nxt)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1)
       if eos_id is not None:
@@ -160,19 +175,19 @@ def generate_pflm(model: FunctionalModel, params, prompts, key, tau=1.0, *, gen_
     tokens = jnp.full((batch, buffer_len), cfg.mask_id, jnp.int32).at[:, :plen].set(prompts)
     cache = prefill(backbone, init_cache(cfg, batch, buffer_len), prompts[:, :plen - k])
     tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (batch,))
-    offsets = jnp.arange(2 * k)
+    # every hint state of the run in one batched call, hoisted out of the loop: the noise
+    # for position j does not depend on earlier tokens
+    all_hints = student.hint_states(
+        position_uniforms(key, jnp.arange(buffer_len + k), batch), tau[:, None])
 
     def body(state):
       start, tokens, cache, counts, done = state  # tokens start..start+k-1 are pending
-      pending = backbone.embed_tokens(jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1))
       out_pos = start + k + jnp.arange(k)
-      u = position_uniforms(key, out_pos, batch)
-      hints = student.hint_states(u, tau[:, None])
-      slots = jnp.concatenate([pending, hints], axis=1)
-      hidden, cache = window_step(backbone, cache, start, slots, start + offsets, k)
-      logits = backbone.logits(hidden[:, k:])
       active = (out_pos < gen_len)[None, :] & ~done[:, None]
-      new, counts = penalized_argmax(logits, counts, freq_penalty, active)
+      new, counts, cache = pflm_step(
+          backbone, cache, jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1), start,
+          jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1), counts, freq_penalty,
+          active)
       new = jnp.where(active, new, cfg.mask_id)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new, start + k, axis=1)
       if eos_id is not None:

@@ -72,33 +72,19 @@ def measure_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> dict:
 # ----------------------------------------------------------------------------- one step
 
 def _ar_step(model: FunctionalModel, temperature: float):
-  """The body of decode.generate_ar: one token in, one token out, cache updated."""
-  def step(params, cache, token, pos, key):
-    backbone = model.module(params)
-    batch = token.shape[0]
-    hidden, cache = decode.window_step(backbone, cache, pos, backbone.embed_tokens(token),
-                                       pos[None], 1)
-    u = decode.position_uniforms(key, pos[None] + 1, batch)[:, 0]
-    logits = backbone.logits(hidden[:, 0])
-    return sampling.inverse_cdf_sample(logits, u, temperature), cache
+  """decode.ar_step over explicit parameters: one token in, one token out, cache updated."""
+  def step(params, cache, token, pos, u):
+    tokens, _, cache = decode.ar_step(model.module(params), cache, token, pos, u, temperature)
+    return tokens, cache
   return step
 
 
 def _pflm_step(model: FunctionalModel, k: int, freq_penalty: float):
-  """The body of decode.generate_pflm: k pending tokens + k hints in, k tokens out."""
-  def step(params, cache, pending, start, key, counts):
-    student = model.module(params)
-    backbone = student.backbone
-    batch = pending.shape[0]
-    out_pos = start + k + jnp.arange(k)
-    hints = student.hint_states(decode.position_uniforms(key, out_pos, batch),
-                                jnp.ones((batch, 1), jnp.float32))
-    slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
-    hidden, cache = decode.window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
-    logits = backbone.logits(hidden[:, k:])
-    tokens, counts = decode.penalized_argmax(logits, counts, freq_penalty,
-                                             jnp.ones((batch, k), bool))
-    return tokens, counts, cache
+  """decode.pflm_step over explicit parameters (hint states are computed before the loop)."""
+  def step(params, cache, pending, start, hints, counts):
+    backbone = model.module(params).backbone
+    return decode.pflm_step(backbone, cache, pending, start, hints, counts, freq_penalty,
+                            jnp.ones(pending.shape, bool))
   return step
 
 
@@ -114,15 +100,16 @@ def xla_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: in
   cfg = model.cfg
   cache_len = gen_len if decode_k == 0 else gen_len + decode_k  # as the decode loops allocate
   cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, cache_len))
-  key = jax.eval_shape(lambda: jax.random.key(0))
   pos = jax.ShapeDtypeStruct((), jnp.int32)
   if decode_k == 0:
     step = _ar_step(model, temperature)
-    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32), pos, key)
+    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32), pos,
+            jax.ShapeDtypeStruct((batch,), jnp.float32))
   else:
     step = _pflm_step(model, decode_k, freq_penalty)
     args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, decode_k), jnp.int32), pos,
-            key, jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
+            jax.ShapeDtypeStruct((batch, decode_k, cfg.d_model), cfg.compute_dtype),
+            jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
   cost = _as_dict(jax.jit(step, donate_argnums=(1,)).lower(*args).compile().cost_analysis())
   return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
 

@@ -14,7 +14,9 @@ from kforcing_jax.models import attention
 
 TOL = 1e-5
 # jit once per shape: op-by-op dispatch would compile every primitive separately.
-window_attention = jax.jit(attention.window_attention)
+# the reference works on (B, S, H, Dh) context arrays; window_attention takes them head-major
+window_attention = jax.jit(lambda q, k, v, ck, cv, ctx_len: attention.window_attention(
+    q, k, v, jnp.swapaxes(ck, 1, 2), jnp.swapaxes(cv, 1, 2), ctx_len))
 causal_attention = jax.jit(attention.causal_attention)
 apply_rope = jax.jit(attention.apply_rope)
 

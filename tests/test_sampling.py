@@ -16,8 +16,14 @@ from kforcing_jax import sampling
 
 NEG = -1000.0                 # the logit the backbone gives the mask id and vocabulary padding
 EDGE_TOL = 1e-5               # a disagreement must have u this close to a float64 interval edge
-MAX_DISAGREEMENT = 1e-3       # pooled fraction of (distribution, u) pairs that may disagree
-MAX_DISAGREEMENT_ONE = 2e-3   # the same, for any single distribution
+
+
+def max_disagreement(vocab: int) -> float:
+  """Fraction of u that may disagree for one distribution: each of the V float32 CDF edges
+  sits a few float32 ulps of 1.0 (2^-24) from the float64 edge (rounding accumulates over the
+  blockwise sums), so about V * 4 * 2^-24 of the unit interval is at stake, plus a 1e-3 floor
+  for small vocabularies. Where disagreements may happen is checked separately (EDGE_TOL)."""
+  return 1e-3 + 4 * vocab * 2.0 ** -24
 NUM_U = 10_000
 ONE_MINUS = np.nextafter(np.float32(1.0), np.float32(0.0))  # the largest float32 u < 1
 
@@ -130,16 +136,17 @@ def _check_against_reference(logits, us):
 
 def test_agrees_with_float64_reference_at_random_u():
   rng = np.random.default_rng(7)
-  total_bad, total = 0, 0
+  total_bad, allowed = 0, 0.0
   report = {}
   for name, logits in DISTRIBUTIONS.items():
     us = rng.random(NUM_U, dtype=np.float32)
     bad, dist = _check_against_reference(logits, us)
     report[name] = (bad, dist)
-    assert bad / NUM_U < MAX_DISAGREEMENT_ONE, (name, bad)
+    assert bad / NUM_U < max_disagreement(logits.shape[-1]), (name, bad)
     total_bad += bad
-    total += NUM_U
-  assert total_bad / total < MAX_DISAGREEMENT, report
+    allowed += max_disagreement(logits.shape[-1]) * NUM_U / 2
+  # pooled over all distributions the rate must be well inside the per-distribution bound
+  assert total_bad < allowed, report
 
 
 def _positive_neighbours(probs, got, want):

@@ -57,14 +57,16 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """Window-stream attention: context block + causal own-window block, one softmax.
 
   q, k, v: (B, T, W, H, Dh) window slots.
-  ctx_k, ctx_v: (B, S, H, Dh) shared context keys/values (tokens or a KV cache).
+  ctx_k, ctx_v: (B, H, S, Dh) shared context keys/values (tokens or a KV cache), head-major
+    so the batched matmuls read them in place (a (B, S, H, Dh) cache gets transposed by XLA
+    on every decode step: 6x slower attention at batch 64 on CPU).
   ctx_len: int array broadcastable to (B, T): window t sees context keys s < ctx_len.
   Returns (B, T, W, H, Dh).
   """
   scale = q.shape[-1] ** -0.5
-  num_ctx = ctx_k.shape[1]
+  num_ctx = ctx_k.shape[2]
   width = q.shape[2]
-  ctx_scores = jnp.einsum('btwhd,bshd->bhtws', q, ctx_k,
+  ctx_scores = jnp.einsum('btwhd,bhsd->bhtws', q, ctx_k,
                           preferred_element_type=jnp.float32) * scale
   visible = jnp.arange(num_ctx) < jnp.broadcast_to(ctx_len, q.shape[:2])[:, None, :, None, None]
   ctx_scores = jnp.where(visible, ctx_scores, NEG_INF)
@@ -75,5 +77,5 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   probs = jax.nn.softmax(jnp.concatenate([ctx_scores, own_scores], axis=-1), axis=-1)
   probs = probs.astype(v.dtype)
   ctx_probs, own_probs = probs[..., :num_ctx], probs[..., num_ctx:]
-  return (jnp.einsum('bhtws,bshd->btwhd', ctx_probs, ctx_v)
+  return (jnp.einsum('bhtws,bhsd->btwhd', ctx_probs, ctx_v)
           + jnp.einsum('bhtwx,btxhd->btwhd', own_probs, v))

@@ -127,11 +127,13 @@ class Backbone(nnx.Module):
   def context_layer(self, layer, x, positions):
     """Causal self-attention block over a token stream. x: (B, S, D).
 
-    Returns the new x and this layer's (k, v), each (B, S, H, Dh), for caching.
+    Returns the new x and this layer's (k, v), each head-major (B, H, S, Dh): the layout of
+    the KV cache and of the context block of `window_layer`.
     """
     block = self.blocks[layer]
     q, k, v = block.project_qkv(x, positions)
-    return block.finish(x, attention.causal_attention(q, k, v)), (k, v)
+    return (block.finish(x, attention.causal_attention(q, k, v)),
+            (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
 
   def window_layer(self, layer, x, positions, ctx_k, ctx_v, ctx_len):
     """Window-stream block (see attention.window_attention). x: (B, T, W, D).
@@ -155,7 +157,8 @@ class Backbone(nnx.Module):
     return x, kvs
 
   def __call__(self, tokens, positions=None):
-    """Teacher forward over (B, S) tokens -> logits (B, S, V) and per-layer context (k, v)."""
+    """Teacher forward over (B, S) tokens -> logits (B, S, V) and per-layer context (k, v)
+    (head-major, (B, H, S, Dh))."""
     if positions is None:
       positions = jnp.arange(tokens.shape[1])[None, :]
     x = self.embed_tokens(tokens)
