@@ -14,10 +14,10 @@ def get_config():
   c.model.num_layers = 4
   c.model.num_heads = 4
   c.train.batch_size = 32
-  c.train.steps = 500
+  c.train.steps = 400
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 30
-  c.train.eval_every = 250
+  c.train.eval_every = 200
   c.train.checkpoint_every = 100
   # distillation sees the first 64 tokens of each row (64 windows): a k=4 step then costs
   # about as much as a teacher step on full rows
