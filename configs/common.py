@@ -83,3 +83,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.repeats = 3                 # timed repeats per (model, batch); the median is reported
   c.eval.evaluator_workdir = ''      # a second AR model's run dir (its teacher/params), or ''
   return c
+
+
+def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's backbone (MDLM's AR baseline: 12 layers, d 768, 12 heads) and a TPU-pod
+  training schedule; the dataset-specific configs set data, vocabulary and lengths."""
+  c.model.pad_vocab_to_multiple_of = 128
+  c.model.d_model = 768
+  c.model.num_layers = 12
+  c.model.num_heads = 12
+  c.model.dtype = 'bfloat16'
+  c.train.batch_size = 512
+  c.train.steps = 1_000_000
+  c.train.learning_rate = 3e-4
+  c.train.warmup_steps = 2500
+  c.train.weight_decay = 0.0
+  c.train.eval_every = 10_000
+  c.train.eval_batches = 64
+  c.train.checkpoint_every = 10_000
+  # distillation: not published; a schedule in the spirit of the paper, to be measured
+  c.distill.stages = ((1, 50_000), (2, 50_000), (4, 50_000))
+  c.distill.batch_size = 256
+  c.distill.learning_rate = 1e-4
+  c.distill.warmup_steps = 1000
+  c.distill.eval_every = 5000
+  c.distill.eval_batches = 32
+  c.distill.checkpoint_every = 5000
+  c.distill.log_every = 100
+  c.train.log_every = 100
+  c.eval.num_samples = 256
+  return c

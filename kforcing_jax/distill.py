@@ -38,13 +38,16 @@ def init_student_from(source_params: dict, student_params: dict, source_kind: st
                       log=print) -> dict:
   """Copy every backbone/head weight (and, from a student, the noise encoder) into
   freshly initialised student params. A shape mismatch names the tensor and stops."""
-  src_backbone = source_params if source_kind == 'ar' else source_params['backbone']
-  src_flat = dict(jax.tree_util.tree_leaves_with_path(src_backbone))
+  source = {'backbone': source_params} if source_kind == 'ar' else source_params
+  src_flat = dict(jax.tree_util.tree_leaves_with_path(source))
   copied, created = [], []
 
   def take(path, fresh):
-    name = 'backbone' + jax.tree_util.keystr(path)
+    name = jax.tree_util.keystr(path)
     if path not in src_flat:
+      if path[0].key == 'noise_encoder' and source_kind == 'ar':
+        created.append(name)  # the only new part of a student initialised from the teacher
+        return fresh
       raise ValueError(f'teacher has no tensor {name}: not the same architecture.')
     src = src_flat[path]
     if src.shape != fresh.shape:
@@ -54,27 +57,10 @@ def init_student_from(source_params: dict, student_params: dict, source_kind: st
     copied.append(name)
     return jnp.copy(src)  # a copy: the student's state is donated, the teacher's is not
 
-  out = {'backbone': jax.tree_util.tree_map_with_path(take, student_params['backbone'])}
-  if source_kind == 'pflm':
-    out['noise_encoder'] = jax.tree_util.tree_map_with_path(
-        lambda p, fresh: _same_shape(source_params['noise_encoder'], p, fresh, copied),
-        student_params['noise_encoder'])
-  else:
-    out['noise_encoder'] = student_params['noise_encoder']
-    created.extend('noise_encoder' + jax.tree_util.keystr(p)
-                   for p, _ in jax.tree_util.tree_leaves_with_path(out['noise_encoder']))
+  out = jax.tree_util.tree_map_with_path(take, student_params)
   log(f'student init from {source_kind}: copied {len(copied)} tensors, created '
       f'{len(created)} new: {", ".join(created) or "none"}')
   return out
-
-
-def _same_shape(tree, path, fresh, copied):
-  src = dict(jax.tree_util.tree_leaves_with_path(tree))[path]
-  if src.shape != fresh.shape:
-    raise ValueError(f'noise_encoder{jax.tree_util.keystr(path)}: shape {src.shape} != '
-                     f'{fresh.shape}.')
-  copied.append('noise_encoder' + jax.tree_util.keystr(path))
-  return jnp.copy(src)
 
 
 # ----------------------------------------------------------------------------- targets
