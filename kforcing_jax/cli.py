@@ -3,7 +3,10 @@
 Mains stay thin: parse flags, `distributed.initialize()`, call `run(config, workdir)`.
 """
 
-from absl import flags, logging
+import os
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
@@ -16,3 +19,18 @@ WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run directory: teacher/, 
 def quiet_libraries() -> None:
   """Keep orbax/absl INFO chatter out of the progress output (warnings still show)."""
   logging.set_verbosity(logging.WARNING)
+
+
+def run(main) -> None:
+  """`absl.app.run(main)`, with errors a user can cause (bad config value, missing data or
+  checkpoint, mismatched shapes) printed as one line instead of a traceback. Set
+  KFORCING_TRACEBACK=1 to see the traceback anyway."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (FileNotFoundError, ValueError) as e:
+      if os.environ.get('KFORCING_TRACEBACK'):
+        raise
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      sys.exit(2)
+  app.run(guarded)

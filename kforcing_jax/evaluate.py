@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from kforcing_jax import checkpoints, cli, data, decode, distill, distributed, generate
@@ -743,4 +743,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -5,7 +5,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from kforcing_jax import checkpoints, cli, decode, distill, distributed, train, train_state
 
@@ -66,4 +66,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

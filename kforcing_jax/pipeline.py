@@ -7,7 +7,7 @@ so re-running the command continues where it stopped.
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from kforcing_jax import cli, data, distill, distributed, evaluate, progress, train
 
@@ -43,4 +43,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

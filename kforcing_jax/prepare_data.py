@@ -5,22 +5,16 @@ when already done) and prints a summary: works, documents, tokens and rows per s
 """
 
 from absl import app
-from ml_collections import config_flags
 
-from kforcing_jax import data
-
-_CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
+from kforcing_jax import cli, data
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    summary = data.prepare(_CONFIG.value)
-  except FileNotFoundError as error:  # missing dataset or vocabulary: the message says the fix
-    raise SystemExit(f'error: {error}') from error
-  print(data.format_summary(summary))
+  cli.quiet_libraries()
+  print(data.format_summary(data.prepare(cli.CONFIG.value)))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -133,6 +133,9 @@ def analytic_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_le
     cache_len = gen_len + decode_k
   per_slot_layer = 8 * d * d + 4 * d * f + 4 * d * (cache_len + slots)
   flops_row = layers * slots * per_slot_layer + rows * 2 * d * v + hints * 20 * d * d
+  if decode_k == 0:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
+    blocks = -(-v // sampling.CDF_BLOCK)
+    flops_row += 2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes))
   weights -= v * d  # the embedding table: only the gathered rows are read
   weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)

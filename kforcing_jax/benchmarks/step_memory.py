@@ -14,7 +14,7 @@ import os
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from kforcing_jax import cli, distill, sharding, train, train_state
 
@@ -73,4 +73,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)
