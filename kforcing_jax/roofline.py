@@ -119,7 +119,8 @@ def analytic_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_le
 
   FLOPs: matmuls (2 per multiply-add) of every slot through every layer, attention against
   the whole preallocated cache (the decode loops mask, they do not shorten it), the output
-  head for every logit row, the noise encoder for every hint. Bytes: every weight once
+  head for every logit row, the noise encoder for every hint (computed before the loop: this
+  is its amortised share), the AR sampler's blockwise CDF. Bytes: every weight once
   (float32; the embedding table only for the gathered rows), the K/V cache read, the new K/V
   written, logits written and read back (and the penalty counts for k-token steps).
   """
