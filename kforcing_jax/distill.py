@@ -227,11 +227,15 @@ class Stage:
     self.teacher_params, _ = checkpoints.import_params(
         teacher_dir, checkpoints.abstract_like(
             self.teacher.param_shapes, train_state.param_shardings(self.teacher, mesh, rules)))
-    self.ar_params = None
-    if self.dc.data_weight > 0:
+    # the AR teacher: the baseline of every stage's evaluation and the noise-inversion term;
+    # stage 1's teacher already is it
+    if prev_k is None:
+      self.ar_params = self.teacher_params
+    else:
       self.ar_params, _ = checkpoints.import_params(
           os.path.join(workdir, 'teacher', 'params'), checkpoints.abstract_like(
               self.ar.param_shapes, train_state.param_shardings(self.ar, mesh, rules)))
+    self.uses_data_term = self.dc.data_weight > 0
 
   def _batch_fn(self, split, batch_size, shuffle, seed_offset):
     tokens_at = self.exp.batch_fn(split, batch_size, shuffle)
@@ -266,8 +270,8 @@ class Stage:
     batch_sh = {key: sharding.batch_sharding(mesh, nd, rules)
                 for key, nd in (('tokens', 2), ('mask', 2), ('u', 3), ('tau', 1), ('r', 3))}
     t_sh = train_state.param_shardings(self.teacher, mesh, rules)
-    ar_sh = (train_state.param_shardings(self.ar, mesh, rules) if self.ar_params is not None
-             else None)
+    ar_sh = train_state.param_shardings(self.ar, mesh, rules) if self.uses_data_term else None
+    step_ar_params = self.ar_params if self.uses_data_term else None
     student, teacher, ar = self.student, self.teacher, self.ar
     step_fn = train_state.make_train_step(
         lambda p, b, tp, ap: distill_loss(student, teacher, dc, p, b, tp, (ar, ap)),
@@ -286,7 +290,7 @@ class Stage:
     state, metrics = loop.run(loop.Loop(
         name=f'distill k={self.k}', workdir=self.dir, total_steps=self.steps,
         init_state=init_state, abstract_state=abstract,
-        train_step=lambda s, b: step_fn(s, b, self.teacher_params, self.ar_params),
+        train_step=lambda s, b: step_fn(s, b, self.teacher_params, step_ar_params),
         batch_at=self._batch_fn('train', dc.batch_size, True, 0), evaluate=evaluate,
         log_every=dc.log_every, eval_every=dc.eval_every,
         checkpoint_every=dc.checkpoint_every, keep_checkpoints=dc.keep_checkpoints,
@@ -301,11 +305,7 @@ def make_stage_eval(stage: Stage, batches):
   the ignore-the-noise baseline: k=1 -> E[max p] of the teacher; k>1 -> agreement of the
   teacher rollout with the AR teacher's greedy continuation."""
   student, teacher, ar, k = stage.student, stage.teacher, stage.ar, stage.k
-  ar_params_dir = os.path.join(os.path.dirname(stage.dir), 'teacher', 'params')
   ar_params = stage.ar_params
-  if ar_params is None:
-    ar_params, _ = checkpoints.import_params(ar_params_dir, checkpoints.abstract_like(
-        ar.param_shapes, train_state.param_shardings(ar, stage.exp.mesh, stage.exp.rules)))
 
   @jax.jit
   def counts(params, teacher_params, ar_params, batch):

@@ -20,6 +20,7 @@ from configs import test_tiny
 from kforcing_jax import decode, distill, train
 from kforcing_jax.models import FunctionalModel
 from kforcing_jax.models import student as student_lib
+from tests.helpers import params as params_lib
 
 BATCH = 3
 PREFIX_LEN = 4
@@ -33,22 +34,9 @@ def tiny_config():
 
 
 def random_params(model: FunctionalModel, seed: int) -> dict:
-  """Random weights built on the host (tracing model.init costs seconds). Unlike model.init the
-  output head is random too (init zeroes it: uniform logits), so tokens depend on the context
-  and the noise, and a wrong window or slot would give different tokens."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    name = str(path[-1].key)
-    if name.startswith('norm') and not name.endswith('bias'):
-      return jnp.ones(shape.shape)
-    if name.endswith('bias'):
-      return jnp.zeros(shape.shape)
-    fan_in = np.prod(shape.shape[:-1]) if name == 'attn_out' else shape.shape[0]
-    std = HEAD_SCALE if name == 'head' else fan_in ** -0.5
-    return jnp.asarray(std * rng.standard_normal(shape.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, model.param_shapes)
+  """Random weights with a HEAD_SCALE output head, so tokens depend on the context and the
+  noise, and a wrong window or slot would give different tokens."""
+  return params_lib.random_params(model, seed, head_scale=HEAD_SCALE)
 
 
 @pytest.fixture(scope='module')

@@ -8,13 +8,12 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import test_tiny
 from kforcing_jax import checkpoints, distill, evaluate, roofline, sharding, train
-from kforcing_jax.models import FunctionalModel
+from tests.helpers import params as params_lib
 
 
 class IdTokenizer:
@@ -36,21 +35,7 @@ def tiny_config(**eval_overrides):
   return config
 
 
-def random_params(model: FunctionalModel, seed: int) -> dict:
-  """Random weights built on the host (tracing model.init costs seconds), the output head
-  included (init zeroes it), so samples and perplexities are not trivially uniform."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape):
-    name = str(path[-1].key)
-    if name.startswith('norm') and not name.endswith('bias'):
-      return jnp.ones(shape.shape)
-    if name.endswith('bias'):
-      return jnp.zeros(shape.shape)
-    fan_in = np.prod(shape.shape[:-1]) if name == 'attn_out' else shape.shape[0]
-    return jnp.asarray(fan_in ** -0.5 * rng.standard_normal(shape.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, model.param_shapes)
+random_params = params_lib.random_params
 
 
 # ----------------------------------------------------------------------------- metrics
