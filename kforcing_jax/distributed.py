@@ -1,8 +1,12 @@
 """Multi-host start-up: every absl main calls `initialize()` before any other JAX call.
 
-Single-host runs are unaffected. On a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES lists more
-than one worker) JAX discovers the cluster itself; elsewhere pass the coordinator explicitly
-with --coordinator_address/--num_processes/--process_id (GPU nodes, local tests).
+Single-host runs are unaffected. Three ways in:
+  - explicit: --coordinator_address/--num_processes/--process_id (GPU nodes, local tests);
+  - KFORCING_DISTRIBUTED=1 (set by launch/tpu_pod.sh on every worker): JAX discovers the
+    cluster itself - on a Cloud TPU VM slice from the TPU metadata server;
+  - a GKE TPU pod (TPU_WORKER_HOSTNAMES lists more than one worker): discovered the same way.
+A GCE TPU VM exposes no environment variable that says "pod slice", which is why the launch
+script sets one: without it each host would run alone on its local chips.
 """
 
 import os
@@ -18,7 +22,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (mult
 _initialized = False
 
 
-def _on_tpu_pod() -> bool:
+def _auto_detect_cluster() -> bool:
+  if os.environ.get('KFORCING_DISTRIBUTED') == '1':
+    return True
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
   return len([h for h in hosts.split(',') if h]) > 1
 
@@ -31,6 +37,6 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif _on_tpu_pod():
+  elif _auto_detect_cluster():
     jax.distributed.initialize()
   _initialized = True
