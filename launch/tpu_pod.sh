@@ -6,8 +6,9 @@
 #          RUNTIME_VERSION=v2-alpha-tpuv5-lite [PROJECT=my-project] [SPOT=1]
 #   launch/tpu_pod.sh create
 #   launch/tpu_pod.sh install            # ships `git archive HEAD`, builds .venv on every worker
+#   BUCKET=gs://my-bucket launch/tpu_pod.sh mount   # gcsfuse at /mnt/gcs on every worker
 #   launch/tpu_pod.sh run python -m kforcing_jax.train --config=configs/lm1b_ar.py \
-#       --workdir=gs://BUCKET/runs/lm1b --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+#       --workdir=/mnt/gcs/runs/lm1b --config.data.data_dir=/mnt/gcs/tensorflow_datasets
 #   launch/tpu_pod.sh start python -m ...  # the same, detached (nohup); output in run.log
 #   launch/tpu_pod.sh logs 0             # follow worker 0's run.log
 #   launch/tpu_pod.sh ssh 0              # a shell on worker 0
@@ -15,13 +16,15 @@
 #
 # `run` executes the SAME command on --worker=all: every host is one JAX process, and
 # KFORCING_DISTRIBUTED=1 makes each main call jax.distributed.initialize(), which discovers
-# the slice from the TPU metadata server. Data and workdir must be on GCS (gs://...) so all
-# hosts see the same files. DRY_RUN=1 prints the gcloud commands instead of running them.
+# the slice from the TPU metadata server. Data and workdir must be on GCS so all hosts see
+# the same files: `mount` puts the bucket at /mnt/gcs on every worker. DRY_RUN=1 prints the
+# gcloud commands instead of running them.
 set -euo pipefail
 
 REMOTE_DIR=${REMOTE_DIR:-kforcing_jax}
 ACCELERATOR=${ACCELERATOR:-v5litepod-16}
 RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
+MOUNT_POINT=${MOUNT_POINT:-/mnt/gcs}
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
@@ -95,6 +98,22 @@ cmd_start() {
   on_all_workers "nohup bash -c $(printf '%q' "$remote") > $REMOTE_DIR/run.log 2>&1 &"
 }
 
+# gcsfuse-mount the bucket at the same path on every worker: TFDS array_record files (read
+# through grain) and the run directories (metrics.jsonl, eval.json, reports) are plain files,
+# so all hosts share them through the mount; orbax writes checkpoints through it as well.
+cmd_mount() {
+  need_target
+  [[ -n "${BUCKET:-}" ]] || die "set BUCKET (gs://name or name) to mount at $MOUNT_POINT."
+  local bucket=${BUCKET#gs://}
+  on_all_workers "set -e; if ! command -v gcsfuse >/dev/null; then \
+echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" \
+| sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null \
+&& curl -s https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - \
+&& sudo apt-get -q update && sudo apt-get -q install -y gcsfuse; fi; \
+sudo mkdir -p $MOUNT_POINT && sudo chown \$USER $MOUNT_POINT \
+&& (mountpoint -q $MOUNT_POINT || gcsfuse --implicit-dirs $bucket $MOUNT_POINT)"
+}
+
 cmd_logs() {
   need_target
   gcloud_tpu ssh "$TPU_NAME" --worker="${1:-0}" --command="tail -n 50 -f $REMOTE_DIR/run.log"
@@ -116,8 +135,9 @@ case "${1:-}" in
   run) shift; cmd_run "$@" ;;
   start) shift; cmd_start "$@" ;;
   logs) shift; cmd_logs "$@" ;;
+  mount) shift; cmd_mount "$@" ;;
   ssh) shift; cmd_ssh "$@" ;;
   delete) shift; cmd_delete "$@" ;;
-  *) die "usage: $0 create|install|run CMD...|start CMD...|logs [WORKER]|ssh [WORKER]|delete (settings in env: TPU_NAME, \
-ZONE, ACCELERATOR, RUNTIME_VERSION, PROJECT, SPOT, DRY_RUN)" ;;
+  *) die "usage: $0 create|install|mount|run CMD...|start CMD...|logs [WORKER]|ssh [WORKER]|delete (settings in env: TPU_NAME, \
+ZONE, ACCELERATOR, RUNTIME_VERSION, PROJECT, SPOT, BUCKET, MOUNT_POINT, DRY_RUN)" ;;
 esac
