@@ -65,16 +65,30 @@ def make_init_state(model: FunctionalModel, optimizer, abstract_state,
 
 
 def make_train_step(loss_fn: Callable, optimizer, abstract_state, batch_shardings, mesh,
-                    rules, extra_args_shardings=()):
+                    rules, extra_args_shardings=(), microbatches: int = 1,
+                    weight_key: str | None = None):
   """Jitted (state, batch, *extra) -> (state, metrics); the state is donated.
 
   loss_fn(params, batch, *extra) -> (loss, metrics dict). `extra` are read-only inputs such
   as a frozen teacher's parameters: they are never donated and get no optimizer state.
+
+  microbatches > 1 accumulates gradients over that many slices of the batch in a lax.scan, so
+  only one slice's activations are ever alive. The loss must be a mean over targets whose count
+  is metrics[weight_key]: slices are then weighted by their counts, which gives the full-batch
+  loss, gradients and update (up to float summation order) even when padding makes the counts
+  differ; the other metrics are count-weighted means, metrics[weight_key] the total.
   """
+  if microbatches > 1 and weight_key is None:
+    raise ValueError('gradient accumulation needs the loss\'s target-count metric (weight_key).')
+
   def step(state, batch, *extra):
     with sharding.use_mesh_rules(mesh, rules):
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state['params'], batch, *extra)
+      if microbatches == 1:
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state['params'], batch, *extra)
+      else:
+        loss, metrics, grads = accumulated_value_and_grad(loss_fn, state['params'], batch, extra,
+                                                     microbatches, weight_key)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
@@ -84,3 +98,37 @@ def make_train_step(loss_fn: Callable, optimizer, abstract_state, batch_sharding
   return jax.jit(step, donate_argnums=(0,),
                  in_shardings=(state_sh, batch_shardings) + tuple(extra_args_shardings),
                  out_shardings=(state_sh, sharding.replicated(mesh)))
+
+
+def split_microbatches(batch: dict, microbatches: int) -> dict:
+  """(B, ...) arrays -> (microbatches, B / microbatches, ...), slice m = rows m, m + M, ...
+
+  Strided rather than contiguous slices: with the batch dim sharded in contiguous blocks, every
+  device then owns B / (M * devices) rows of every slice, so no slice needs communication.
+  """
+  def split(x):
+    if x.shape[0] % microbatches:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into {microbatches} '
+                       'microbatches; make the batch size a multiple of microbatches.')
+    x = jnp.swapaxes(x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]), 0, 1)
+    return sharding.constrain(x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(loss_fn, params, batch, extra, microbatches: int, weight_key: str):
+  """Count-weighted loss, metrics and gradients over microbatches, summed in float32."""
+  def one_slice(grad_sum, piece):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, piece, *extra)
+    weight = metrics[weight_key].astype(jnp.float32)
+    grad_sum = jax.tree.map(lambda acc, g: acc + weight * g.astype(jnp.float32), grad_sum, grads)
+    return grad_sum, (loss, metrics)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  grad_sum, (losses, metrics) = jax.lax.scan(one_slice, zeros,
+                                             split_microbatches(batch, microbatches))
+  weights = metrics[weight_key].astype(jnp.float32)
+  total = jnp.maximum(weights.sum(), 1.0)
+  grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), grad_sum, params)
+  mean = lambda x: jnp.sum(weights * x) / total  # noqa: E731
+  metrics = {name: (v.sum() if name == weight_key else mean(v)) for name, v in metrics.items()}
+  return mean(losses), metrics, grads

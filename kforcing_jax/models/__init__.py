@@ -11,7 +11,7 @@ import math
 import jax
 from flax import nnx
 
-from kforcing_jax.models.backbone import Backbone, BackboneConfig
+from kforcing_jax.models.backbone import REMAT_POLICIES, Backbone, BackboneConfig
 from kforcing_jax.models.student import PushForwardLM
 
 KINDS = ('ar', 'pflm')
@@ -29,10 +29,14 @@ def backbone_config(model_cfg) -> BackboneConfig:
   if not 0 <= model_cfg.mask_id < model_cfg.vocab_size:
     raise ValueError(f'model.mask_id={model_cfg.mask_id} is outside the vocabulary '
                      f'(vocab_size={model_cfg.vocab_size}).')
+  remat = model_cfg.get('remat', 'none')
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}.')
   return BackboneConfig(vocab_size=padded, num_real_tokens=model_cfg.vocab_size,
                         mask_id=model_cfg.mask_id, d_model=model_cfg.d_model,
                         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
-                        mlp_ratio=model_cfg.get('mlp_ratio', 4), dtype=model_cfg.dtype)
+                        mlp_ratio=model_cfg.get('mlp_ratio', 4), dtype=model_cfg.dtype,
+                        remat=remat)
 
 
 @dataclasses.dataclass(frozen=True)

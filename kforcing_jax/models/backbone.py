@@ -14,6 +14,7 @@ Layouts (chosen so sharding and the PyTorch converter are both simple):
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,16 @@ from kforcing_jax.models import attention
 
 LN_EPS = 1e-5
 MASKED_LOGIT = -1000.0
+
+# Layer rematerialisation for the training forwards (config.model.remat): which values of a
+# layer the backward pass keeps; everything else is recomputed from the layer's input. 'full'
+# keeps only the input, so a layer's attention scores and MLP activations never outlive its
+# forward; 'dots' also keeps the matmul outputs without batch dims (less recompute, more memory).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +48,7 @@ class BackboneConfig:
   mlp_ratio: int = 4
   rope_base: float = 10000.0
   dtype: str = 'float32'   # compute dtype; parameters stay float32
+  remat: str = 'none'      # a REMAT_POLICIES key; changes memory and FLOPs, never the values
 
   @property
   def head_dim(self) -> int:
@@ -45,6 +57,17 @@ class BackboneConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+
+def rematerialized(cfg: BackboneConfig, layer_fn):
+  """`layer_fn` under jax.checkpoint with the config's policy ('none': unchanged).
+
+  Only matters under differentiation: the frozen teachers and the decode loops run the same
+  wrapped layers at no extra cost.
+  """
+  if cfg.remat == 'none':
+    return layer_fn
+  return jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat])
 
 
 def _param(rngs, shape, std, axes):
@@ -164,6 +187,6 @@ class Backbone(nnx.Module):
     x = self.embed_tokens(tokens)
     kvs = []
     for layer in range(self.cfg.num_layers):
-      x, kv = self.context_layer(layer, x, positions)
+      x, kv = rematerialized(self.cfg, functools.partial(self.context_layer, layer))(x, positions)
       kvs.append(kv)
     return self.logits(x), kvs

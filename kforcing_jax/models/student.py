@@ -5,13 +5,14 @@ t + i and its logits predict the token AT position t + i. Hints carry no token e
 are the noise encoder's output for (u_{t,i}, tau).
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kforcing_jax.models.backbone import Backbone, BackboneConfig, layer_norm
+from kforcing_jax.models.backbone import Backbone, BackboneConfig, layer_norm, rematerialized
 
 
 def sinusoidal_features(s: jax.Array, dim: int) -> jax.Array:
@@ -76,7 +77,13 @@ class PushForwardLM(nnx.Module):
     ctx_len = (positions + 1)[None, :]
     ctx_kvs = []
     for layer in range(self.backbone.cfg.num_layers):
-      x, (ck, cv) = self.backbone.context_layer(layer, x, positions[None, :])
-      hints, _ = self.backbone.window_layer(layer, hints, hint_positions[None], ck, cv, ctx_len)
-      ctx_kvs.append((ck, cv))
+      x, hints, kv = rematerialized(self.backbone.cfg, functools.partial(self._layer, layer))(
+          x, hints, positions[None, :], hint_positions[None], ctx_len)
+      ctx_kvs.append(kv)
     return self.backbone.logits(hints), ctx_kvs
+
+  def _layer(self, layer, x, hints, positions, hint_positions, ctx_len):
+    """One layer of the context stream and the hint window stream (one remat unit)."""
+    x, (ck, cv) = self.backbone.context_layer(layer, x, positions)
+    hints, _ = self.backbone.window_layer(layer, hints, hint_positions, ck, cv, ctx_len)
+    return x, hints, (ck, cv)
