@@ -32,9 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 4
   c.model.dtype = 'float32'          # compute dtype: float32 | bfloat16 (params stay float32)
+  c.model.remat = 'none'             # training forwards: none | full | dots (models/backbone.py)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
+  c.train.microbatches = 1           # gradient accumulation: slices of the batch per step
   c.train.steps = 1000
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 50
@@ -52,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = ml_collections.ConfigDict()
   c.distill.stages = ((1, 300), (2, 300), (4, 300))  # (k, steps): each stage doubles k
   c.distill.batch_size = 32
+  c.distill.microbatches = 1
   c.distill.seq_len = 0              # windows per row: the first seq_len tokens (0 = data.seq_len)
   c.distill.learning_rate = 1e-3
   c.distill.warmup_steps = 20

@@ -161,9 +161,12 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
   tokens, u, tau = batch['tokens'], batch['u'], batch['tau']
   targets = jax.lax.stop_gradient(stage_targets(teacher, teacher_params, tokens, u, tau))
   logits, _ = student.module(params)(tokens, u, tau)
-  loss_i, acc_i, acc_total, _ = slot_metrics(logits, targets, window_mask(batch['mask'], k))
+  windows = window_mask(batch['mask'], k)
+  loss_i, acc_i, acc_total, _ = slot_metrics(logits, targets, windows)
   loss = loss_i.mean()
-  metrics = {f'loss_{i + 1}': loss_i[i] for i in range(k)}
+  # the loss is a mean over these windows: gradient accumulation weights microbatches by it
+  metrics = {'windows': jnp.sum(windows.astype(jnp.float32))}
+  metrics.update({f'loss_{i + 1}': loss_i[i] for i in range(k)})
   metrics.update({f'acc_{i + 1}': acc_i[i] for i in range(k)})
   metrics['acc_total'] = acc_total
   if dc.data_weight > 0:
@@ -275,7 +278,8 @@ class Stage:
     student, teacher, ar = self.student, self.teacher, self.ar
     step_fn = train_state.make_train_step(
         lambda p, b, tp, ap: distill_loss(student, teacher, dc, p, b, tp, (ar, ap)),
-        optimizer, abstract, batch_sh, mesh, rules, extra_args_shardings=(t_sh, ar_sh))
+        optimizer, abstract, batch_sh, mesh, rules, extra_args_shardings=(t_sh, ar_sh),
+        microbatches=dc.microbatches, weight_key='windows')
     rng = jax.random.key(exp.config.seed + 1000 * self.k)
 
     def init_state():

@@ -98,7 +98,7 @@ def run(config, workdir: str) -> dict:
   init = train_state.make_init_state(model, optimizer, abstract)
   step_fn = train_state.make_train_step(
       lambda p, b: lm_loss(model, p, b), optimizer, abstract, exp.batch_shardings(),
-      exp.mesh, exp.rules)
+      exp.mesh, exp.rules, microbatches=tc.microbatches, weight_key='tokens')
   rng = jax.random.key(config.seed)
   result_state, eval_metrics = loop.run(loop.Loop(
       name='teacher', workdir=out_dir, total_steps=tc.steps,
