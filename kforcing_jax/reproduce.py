@@ -208,45 +208,53 @@ def freq_penalties(task: str, ks, override=None) -> dict[int, float]:
 
 # ----------------------------------------------------------------------------- models
 
-def _ar_export_config(tokenizer, dtype: str, run_dir: str) -> ml_collections.ConfigDict:
-  """The fields evaluate.load_evaluator reads, for the AR export of `run_dir`."""
-  return ml_collections.ConfigDict({
-      'model': {'vocab_size': tokenizer.vocab_size, 'mask_id': tokenizer.mask_id,
-                'dtype': dtype},
-      'eval': {'evaluator_workdir': run_dir}})
-
-
-def load_ar(run_dir: str, flag: str, tokenizer, dtype: str, mesh, rules):
-  """(model, params) of run_dir/teacher/params, its architecture read from the shapes."""
-  directory = os.path.join(run_dir, 'teacher', 'params')
-  if not checkpoints.has_params(directory):
-    raise FileNotFoundError(f'--{flag}={run_dir} has no AR model export at {directory}.')
-  try:
-    return evaluate.load_evaluator(_ar_export_config(tokenizer, dtype, run_dir), mesh, rules)
-  except ValueError as e:
-    raise ValueError(f'--{flag}={run_dir}: {e}') from e
-
-
-def load_student(run_dir: str, tokenizer, dtype: str, mesh, rules):
-  """(model, params) of the widest student_k{K}/params in run_dir (k_max = K)."""
+def _export_dir(run_dir: str, flag: str, kind: str) -> tuple[str, int]:
+  """(params directory, k_max) of run_dir's AR export or of its widest student export."""
+  if kind == 'ar':
+    directory = os.path.join(run_dir, 'teacher', 'params')
+    if not checkpoints.has_params(directory):
+      raise FileNotFoundError(f'--{flag}={run_dir} has no AR model export at {directory}.')
+    return directory, 1
   stages = evaluate.student_stages(run_dir)
   if not stages:
-    raise FileNotFoundError(f'--pflm={run_dir} has no student export (student_k<K>/params).')
-  k_max = stages[-1]
-  directory = os.path.join(run_dir, f'student_k{k_max}', 'params')
+    raise FileNotFoundError(f'--{flag}={run_dir} has no student export (student_k<K>/params).')
+  return os.path.join(run_dir, f'student_k{stages[-1]}', 'params'), stages[-1]
+
+
+def load_export(run_dir: str, flag: str, kind: str, tokenizer, dtype: str, mesh, rules):
+  """(model, params, k_max) of run_dir/teacher/params (kind 'ar', k_max 1) or of the widest
+  run_dir/student_k{K}/params (kind 'pflm', k_max K), the architecture read from the stored
+  shapes and the vocabulary checked against the tokenizer."""
+  directory, k_max = _export_dir(run_dir, flag, kind)
   shapes = evaluate.stored_param_shapes(directory)
-  if 'backbone' not in shapes or 'noise_encoder' not in shapes:
-    raise ValueError(f'{directory} is not a PFLM student export (expected tensors under '
-                     f'"backbone" and "noise_encoder", found {sorted(shapes)}).')
-  cfg = evaluate.evaluator_config(_ar_export_config(tokenizer, dtype, run_dir),
-                                  shapes['backbone'], directory)
-  model = FunctionalModel(cfg, 'pflm', k_max=k_max)
+  expected = ('embed', 'blocks') if kind == 'ar' else ('backbone', 'noise_encoder')
+  if not all(name in shapes for name in expected):
+    what = 'an AR model' if kind == 'ar' else 'a PFLM student'
+    raise ValueError(f'--{flag}={run_dir}: {directory} is not {what} export (expected tensors '
+                     f'{list(expected)}, found {sorted(shapes)}).')
+  backbone_shapes = shapes if kind == 'ar' else shapes['backbone']
+  rows = backbone_shapes['embed'][0]
+  if rows < tokenizer.vocab_size:
+    raise ValueError(f'--{flag}={run_dir}: {directory} has a {rows}-token vocabulary but the '
+                     f'{tokenizer.name} tokenizer has {tokenizer.vocab_size} ids; use the '
+                     '--task / --tokenizer_path the model was trained with.')
+  config = ml_collections.ConfigDict({'model': {
+      'vocab_size': tokenizer.vocab_size, 'mask_id': tokenizer.mask_id, 'dtype': dtype}})
+  model = FunctionalModel(evaluate.evaluator_config(config, backbone_shapes, directory), kind,
+                          k_max=k_max)
   try:
-    params, _ = checkpoints.import_params(directory, checkpoints.abstract_like(
+    params, meta = checkpoints.import_params(directory, checkpoints.abstract_like(
         model.param_shapes, train_state.param_shardings(model, mesh, rules)))
   except ValueError as e:
-    raise ValueError(f'{directory} does not load as a k_max={k_max} student with the backbone '
-                     f'its shapes describe: {e}') from e
+    raise ValueError(f'--{flag}={run_dir}: {directory} does not load as the model its shapes '
+                     f'describe: {e}') from e
+  # converted exports record the real vocabulary; our own training's do not
+  recorded = (meta.get('vocab_size', tokenizer.vocab_size), meta.get('mask_id', tokenizer.mask_id))
+  if recorded != (tokenizer.vocab_size, tokenizer.mask_id):
+    raise ValueError(f'--{flag}={run_dir}: {directory} was made for a {recorded[0]}-token '
+                     f'vocabulary with mask id {recorded[1]}, but the {tokenizer.name} tokenizer '
+                     f'has {tokenizer.vocab_size} ids and mask id {tokenizer.mask_id}; use the '
+                     '--task / --tokenizer_path the model was trained with.')
   return model, params, k_max
 
 
@@ -288,7 +296,7 @@ def throughput_record(*, model: str, task: str, batch_size: int, n_per_prefix: i
   total = float(sum(batch_seconds))
   avg = total / n_batches
   steps = math.ceil(max_new_tokens / k_per_step)
-  record = {
+  return {
       'model': model, 'task': task, 'batch_size': batch_size, 'n_per_prefix': n_per_prefix,
       'total_samples': total_samples, 'max_new_tokens': max_new_tokens,
       'K_per_step': k_per_step, 'prefix_len': prefix_len, 'n_batches': n_batches,
@@ -298,8 +306,6 @@ def throughput_record(*, model: str, task: str, batch_size: int, n_per_prefix: i
       'throughput_tok_per_sec_avg_batch': batch_size * max_new_tokens / avg,
       'total_nfe': n_batches * steps, 'nfe_per_token': steps / max_new_tokens,
       'device': device, 'freq_penalty': float(freq_penalty)}
-  assert tuple(record) == THROUGHPUT_FIELDS
-  return record
 
 
 def quality(samples: np.ndarray, prompt_len: int, evaluator) -> dict:
@@ -324,8 +330,8 @@ def _check(p: Protocol) -> None:
       raise ValueError(f'--{name}={getattr(p, name)} must be >= 1.')
   if p.n_warmup_batches < 0:
     raise ValueError(f'--n_warmup_batches={p.n_warmup_batches} must be >= 0.')
-  if p.pflm and (not p.ks or min(p.ks) < 1):
-    raise ValueError(f'--ks={list(p.ks)}: give positive K values.')
+  if p.pflm and (not p.ks or min(p.ks) < 1 or len(set(p.ks)) < len(p.ks)):
+    raise ValueError(f'--ks={",".join(map(str, p.ks))}: give distinct positive K values.')
 
 
 def _write_json(path: str, obj) -> None:
@@ -346,19 +352,20 @@ def run(p: Protocol, log=print) -> dict:
   log(f'{len(prompts.ids)} prefixes of {PREFIX_TOKENS} tokens (+ BOS: {p.prepend_bos}); '
       f'dropped {prompts.dropped_short} of {prompts.num_lines} shorter than {PREFIX_TOKENS} '
       'tokens')
-  max_new = p.max_new_tokens or TASKS[p.task].total_len - prompt_len
-  if max_new < 1:
-    raise ValueError(f'--max_new_tokens={max_new} must be >= 1.')
+  max_new = (TASKS[p.task].total_len - prompt_len if p.max_new_tokens is None
+             else p.max_new_tokens)
+  if max_new < 4:
+    raise ValueError(f'--max_new_tokens={max_new}: generate at least 4 tokens (distinct-4 needs '
+                     'one 4-gram per sample).')
   total_len = prompt_len + max_new
 
   mesh = sharding.make_mesh((1, 1, 1), jax.local_devices()[:1])
   rules = sharding.DEFAULT_RULES
   device = f'{mesh.devices.flat[0].device_kind} ({mesh.devices.flat[0].platform})'
-  ar = load_ar(p.ar, 'ar', tokenizer, p.dtype, mesh, rules) if p.ar else None
+  ar = load_export(p.ar, 'ar', 'ar', tokenizer, p.dtype, mesh, rules)[:2] if p.ar else None
   student, k_max, penalties = None, None, {}
   if p.pflm:
-    model, params, k_max = load_student(p.pflm, tokenizer, p.dtype, mesh, rules)
-    student = (model, params)
+    *student, k_max = load_export(p.pflm, 'pflm', 'pflm', tokenizer, p.dtype, mesh, rules)
     too_wide = [k for k in p.ks if k > k_max]
     if too_wide:
       raise ValueError(f'--ks has K={too_wide} but the student in {p.pflm} has k_max={k_max} '
@@ -367,7 +374,7 @@ def run(p: Protocol, log=print) -> dict:
       raise ValueError(f'K={max(p.ks)} exceeds the prompt length {prompt_len}: the first '
                        'k-token step feeds the last K prompt tokens.')
     penalties = freq_penalties(p.task, p.ks, p.freq_penalty)
-  evaluator = (load_ar(p.evaluator, 'evaluator', tokenizer, p.dtype, mesh, rules)
+  evaluator = (load_export(p.evaluator, 'evaluator', 'ar', tokenizer, p.dtype, mesh, rules)[:2]
                if p.evaluator and p.evaluator != p.ar else ar)
 
   runs = []  # (name, K, lambda, decode function)

@@ -125,6 +125,7 @@ def test_throughput_record_fields_and_numbers():
       'K_per_step', 'prefix_len', 'n_batches', 'n_warmup_batches', 'total_elapsed_sec',
       'avg_batch_time_sec', 'throughput_tok_per_sec_total', 'throughput_tok_per_sec_avg_batch',
       'total_nfe', 'nfe_per_token', 'device', 'freq_penalty'}
+  assert tuple(record) == reproduce.THROUGHPUT_FIELDS  # the authors' order, line by line
   assert record['n_batches'] == 2
   assert record['total_elapsed_sec'] == 4.0 and record['avg_batch_time_sec'] == 2.0
   assert record['throughput_tok_per_sec_total'] == pytest.approx(7 * 10 / 4.0)
@@ -237,6 +238,22 @@ def test_k_above_the_students_k_max_fails_before_decoding(run_dir, tmp_path):
                   log=lambda msg: None)
   assert 'K=[5]' in _one_line(excinfo) and 'k_max=4' in str(excinfo.value)
   assert not (tmp_path / 'out').exists()
+
+
+def test_checkpoints_for_another_vocabulary_or_layout_are_rejected(run_dir, tmp_path):
+  ar_model, ar_params = run_dir['ar']
+  # a converted export records the vocabulary it was made for: here bert-base-uncased's
+  checkpoints.export_params(str(tmp_path / 'converted' / 'teacher' / 'params'), ar_params,
+                            {'vocab_size': 30522, 'mask_id': 103})
+  with pytest.raises(ValueError) as excinfo:
+    reproduce.run(_protocol(run_dir, tmp_path / 'out', ar=str(tmp_path / 'converted'),
+                            pflm=None), log=lambda msg: None)
+  assert 'made for a 30522-token vocabulary with mask id 103' in _one_line(excinfo)
+  assert 'tokenizer has 22 ids and mask id 5' in str(excinfo.value)
+  # an AR-only directory as --pflm
+  with pytest.raises(FileNotFoundError, match='--pflm=.* has no student export'):
+    reproduce.run(_protocol(run_dir, tmp_path / 'out', pflm=str(tmp_path / 'converted')),
+                  log=lambda msg: None)
 
 
 def test_cli_prints_one_line_errors(tmp_path):
