@@ -7,7 +7,9 @@
 
 Inputs. A run directory DIR holds DIR/teacher/params (the AR model) and/or
 DIR/student_k{K}/params (a PFLM student with k_max = K), params-only exports as written by our
-training and by `kforcing_jax.convert`. Architectures are read from the stored shapes. With
+training and by `kforcing_jax.convert`. Architectures are read from the stored shapes; the
+tokenizer must fit them (the embedding has at least its ids; a converted export's recorded
+vocabulary size and mask id equal the tokenizer's). With
 several student_k* stages in --pflm, the widest is used and decodes every K in --ks (a k_max
 student decodes any K <= k_max by using the first K slots of its window).
 
@@ -411,8 +413,8 @@ def run(p: Protocol, log=print) -> dict:
         for i, row in enumerate(samples):
           f.write(json.dumps({'prefix': prefix_texts[i // p.n_per_prefix],
                               'completion': tokenizer.decode(row[prompt_len:])}) + '\n')
-    log(f'{name}: {record["throughput_tok_per_sec_total"]:.1f} tok/s over {len(seconds)} '
-        f'batches, gen ppl {metrics["gen_ppl"]:.2f} ({time.time() - t0:.1f}s)')
+    log(f'{name}: {record["throughput_tok_per_sec_total"]:.1f} tok/s over '
+        f'{len(seconds)} timed batch(es), gen ppl {metrics["gen_ppl"]:.2f} ({time.time() - t0:.1f}s)')
   ar_rate = models[0]['throughput_tok_per_sec_total'] if ar else None
   for m in models:
     m['speedup_vs_ar'] = None if ar_rate is None else m['throughput_tok_per_sec_total'] / ar_rate
