@@ -141,7 +141,8 @@ def assert_real_logits_match(ours, reference):
   real = np.arange(reference.shape[-1]) != MASK_ID
   np.testing.assert_allclose(ours[..., :reference.shape[-1]][..., real], reference[..., real],
                              **TOLERANCE)
-  assert (ours[..., MASK_ID] == -1000.0).all() and (ours[..., reference.shape[-1]:] == -1000.0).all()
+  assert (ours[..., MASK_ID] == -1000.0).all()
+  assert (ours[..., reference.shape[-1]:] == -1000.0).all()
 
 
 # ----------------------------------------------------------------------------- layout
@@ -170,6 +171,8 @@ def test_ar_logits_equal_numpy_reference(tmp_path, suffix):
   model = train.teacher_model(load_run_config(tmp_path / 'run'))
   params, stored_meta = load(tmp_path / 'run' / 'teacher' / 'params', model)
   assert stored_meta['params'] == layout.parameter_count(layout.expected_shapes('ar', DIMS))
+  # the real vocabulary and mask id travel with the export (reproduce.py checks them)
+  assert (stored_meta['vocab_size'], stored_meta['mask_id']) == (DIMS.vocab_size, MASK_ID)
   tokens = np.random.default_rng(1).integers(0, DIMS.vocab_size, (2, 9))
   logits, _ = jax.jit(lambda p, t: model.module(p)(t))(params, jnp.asarray(tokens, jnp.int32))
   sd = float64(state)
@@ -279,6 +282,13 @@ def test_ckpt_without_torch_names_the_requirements_file(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now raises ImportError
   with pytest.raises(ValueError, match='requirements-convert.txt'):
     convert(tmp_path / 'ar.ckpt', tmp_path / 'run')
+
+
+def test_ckpt_without_a_state_dict_is_refused(tmp_path):
+  torch = pytest.importorskip('torch', reason='torch is not installed (requirements-convert.txt)')
+  torch.save({'model': {'vocab_embed.embedding': torch.zeros(4, 2)}}, tmp_path / 'raw.ckpt')
+  with pytest.raises(ValueError, match=r'no "state_dict" entry \(found \[\'model\'\]\)'):
+    convert(tmp_path / 'raw.ckpt', tmp_path / 'run')
 
 
 def test_unknown_vocabularies_need_a_mask_id(tmp_path):

@@ -11,3 +11,6 @@ from kforcing_jax.convert.errors import (ConversionError, DestinationError, InvF
                                          KindMismatchError, MissingKeysError, ShapeMismatchError,
                                          UnexpectedKeysError)
 from kforcing_jax.convert.importer import convert_checkpoint
+
+__all__ = ['ConversionError', 'DestinationError', 'InvFreqMismatchError', 'KindMismatchError',
+           'MissingKeysError', 'ShapeMismatchError', 'UnexpectedKeysError', 'convert_checkpoint']

@@ -73,24 +73,24 @@ def distill_stages(base_stages, student_ks) -> tuple:
 def config_source(model: dict, student_ks) -> str:
   """Python source of DST/config.py: the paper config for this vocabulary (or the common
   defaults) with the converted model's settings."""
-  base = PAPER_CONFIGS.get(model['vocab_size'])
-  base_module = importlib.import_module(f'configs.{base or "common"}')
-  base_stages = (base_module.get_config() if base else base_module.base_config()).distill.stages
+  base = PAPER_CONFIGS.get(model['vocab_size'], 'common')
+  make = 'base_config' if base == 'common' else 'get_config'
+  base_stages = getattr(importlib.import_module(f'configs.{base}'), make)().distill.stages
   lines = [
-      f'"""Config for the checkpoints converted into this directory by kforcing_jax.convert.',
+      '"""Config for the checkpoints converted into this directory by kforcing_jax.convert.',
       '',
-      f'Base: configs/{base or "common"}.py, with the converted model\'s settings. Use it as',
+      f'Base: configs/{base}.py, with the converted model\'s settings. Use it as',
       '--config=<this file> --workdir=<this directory> with train / distill / evaluate /',
       'generate. Written by the converter: edits are overwritten by the next conversion here.',
       '"""',
       '',
-      f'from configs import {base or "common"}',
+      f'from configs import {base}',
       '',
       '',
       'def get_config():',
-      f'  c = {base}.get_config()' if base else '  c = common.base_config()',
+      f'  c = {base}.{make}()',
   ]
-  if not base:
+  if base == 'common':
     lines.append(f'  c.data.vocab_size = {model["vocab_size"]}  # the bpe tokenizer must match')
   lines += [f'  c.model.{key} = {model[key]!r}' for key in MODEL_FIELDS]
   lines.append(f'  c.distill.stages = {distill_stages(base_stages, student_ks)!r}')
