@@ -3,7 +3,7 @@
   python -m kforcing_jax.reproduce --task=lm1b|owt --ar=DIR --pflm=DIR --prefix_file=F.jsonl
       --out=OUTDIR [--tokenizer_path=...] [--ks=1,2,3,4] [--batch_size=32] [--n_per_prefix=1]
       [--max_new_tokens=...] [--n_warmup_batches=2] [--evaluator=DIR] [--max_prefixes=...]
-      [--seed=0] [--freq_penalty=...] [--noprepend_bos] [--dtype=float32]
+      [--seed=0] [--freq_penalty=...] [--prepend_bos] [--dtype=float32]
 
 Inputs. A run directory DIR holds DIR/teacher/params (the AR model) and/or
 DIR/student_k{K}/params (a PFLM student with k_max = K), params-only exports as written by our
@@ -16,12 +16,14 @@ student decodes any K <= k_max by using the first K slots of its window).
 Prefixes. --prefix_file has one JSON object per line with a "prefix" string (blank lines are
 skipped). Each is tokenized without special tokens and cut to its first PREFIX_TOKENS (6)
 tokens; shorter ones are dropped and counted (printed, and in results.json).
-BOS: by default the tokenizer's start token ([CLS] for bert, <|endoftext|> for gpt2) is put
-before the 6 tokens, because both tasks' models (ours: data.pipeline.pad_document; MDLM-style
-LM1B/OWT rows) saw every training sequence start with it. So the prompt fed to every model
-is 7 ids, `prefix_len` in throughput.json is that prompt length (7; 6 with --noprepend_bos),
-and prefix_len + max_new_tokens = the total length (LM1B 128, OWT 1024). The "prefix" text
-in samples.jsonl is the 6 tokens decoded (no BOS).
+BOS: by default none - the prompt is exactly the 6 prefix tokens, as in the authors' script
+(their prefix_len is 6 and max_new_tokens = total length - 6: LM1B 122, OWT 1018), so
+throughput.json compares line by line. --prepend_bos puts the tokenizer's start token ([CLS]
+for bert, <|endoftext|> for gpt2) in front, which suits models trained on rows that start
+with it (ours: data.pipeline.pad_document); then the prompt is 7 ids and `prefix_len` in
+throughput.json says 7. The "prefix" text in samples.jsonl is the 6 tokens decoded (no BOS);
+"completion" is the generated text up to and including the first EOS ([SEP] / <|endoftext|>),
+as the authors write it - the metrics still use the full fixed-length outputs.
 
 Decoding. Prompts are each prefix repeated n_per_prefix times (prefix-major), cut into
 batches of batch_size; the last batch is filled up by repeating rows from the start (one
@@ -113,7 +115,7 @@ class Protocol:
   max_prefixes: int | None = None
   seed: int = 0
   freq_penalty: tuple[float, ...] | None = None   # one per K, or one for all
-  prepend_bos: bool = True
+  prepend_bos: bool = False
   dtype: str = 'float32'
 
 
@@ -310,6 +312,14 @@ def throughput_record(*, model: str, task: str, batch_size: int, n_per_prefix: i
       'device': device, 'freq_penalty': float(freq_penalty)}
 
 
+def completion_ids(generated: np.ndarray, eos_id: int | None) -> np.ndarray:
+  """The generated ids up to and including the first EOS (all of them when there is none)."""
+  if eos_id is None:
+    return generated
+  hits = np.flatnonzero(generated == eos_id)
+  return generated[:hits[0] + 1] if hits.size else generated
+
+
 def quality(samples: np.ndarray, prompt_len: int, evaluator) -> dict:
   """Metrics of the generated parts of `samples` (total_samples, total length)."""
   generated = samples[:, prompt_len:]
@@ -412,7 +422,8 @@ def run(p: Protocol, log=print) -> dict:
       with open(os.path.join(model_dir, 'samples.jsonl'), 'w', encoding='utf-8') as f:
         for i, row in enumerate(samples):
           f.write(json.dumps({'prefix': prefix_texts[i // p.n_per_prefix],
-                              'completion': tokenizer.decode(row[prompt_len:])}) + '\n')
+                              'completion': tokenizer.decode(
+                                  completion_ids(row[prompt_len:], tokenizer.eos_id))}) + '\n')
     log(f'{name}: {record["throughput_tok_per_sec_total"]:.1f} tok/s over '
         f'{len(seconds)} timed batch(es), gen ppl {metrics["gen_ppl"]:.2f} ({time.time() - t0:.1f}s)')
   ar_rate = models[0]['throughput_tok_per_sec_total'] if ar else None
@@ -476,8 +487,8 @@ _EVALUATOR = flags.DEFINE_string('evaluator', None, 'Run directory with teacher/
 _MAX_PREFIXES = flags.DEFINE_integer('max_prefixes', None, 'Use the first N usable prefixes.')
 _FREQ_PENALTY = flags.DEFINE_list('freq_penalty', None, 'Override the authors\' lambda: one '
                                   'value per --ks entry, or one for all.')
-_PREPEND_BOS = flags.DEFINE_bool('prepend_bos', True, 'Put [CLS] / <|endoftext|> before the '
-                                 '6 prefix tokens.')
+_PREPEND_BOS = flags.DEFINE_bool('prepend_bos', False, 'Put [CLS] / <|endoftext|> before the '
+                                 '6 prefix tokens (the authors\' script does not).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 
 

@@ -163,7 +163,8 @@ def run_dir(tmp_path_factory):
 def _protocol(run_dir, out, **overrides):
   settings = dict(task='lm1b', prefix_file=PREFIXES, out=str(out), ar=run_dir['dir'],
                   pflm=run_dir['dir'], tokenizer_path=BERT_VOCAB, ks=(1, 3), batch_size=4,
-                  n_per_prefix=2, max_new_tokens=8, n_warmup_batches=1, seed=3)
+                  n_per_prefix=2, max_new_tokens=8, n_warmup_batches=1, seed=3,
+                  prepend_bos=True)
   settings.update(overrides)
   return reproduce.Protocol(**settings)
 
@@ -198,7 +199,8 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
   samples = [json.loads(line) for line in open(out / 'ar' / 'samples.jsonl')]
   assert len(samples) == 6
   assert samples[0] == {'prefix': 'the king is dead, long',
-                        'completion': tokenizer.decode(batch0[0, 7:])}
+                        'completion': tokenizer.decode(
+                            reproduce.completion_ids(batch0[0, 7:], tokenizer.eos_id))}
   assert samples[5]['prefix'] == 'kings live long. hello'
 
   expected_steps = {'ar': (1, 8, 0.0), 'pflm_k1': (1, 8, 0.0), 'pflm_k3': (3, 3, 0.4)}
@@ -230,6 +232,26 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
       evaluate.perplexity_from_logits(logits, tokens['pflm_k1'], 7), rel=1e-5)
   assert models['ar']['entropy'] == pytest.approx(evaluate.unigram_entropy(tokens['ar'][:, 7:]))
   assert 'pflm_k3' in reproduce.format_table(on_disk)
+
+
+def test_default_prompt_is_the_authors_six_tokens(run_dir, tmp_path):
+  assert reproduce.Protocol(task='lm1b', prefix_file='', out='').prepend_bos is False
+  settings = dict(vars(_protocol(run_dir, tmp_path / 'out', ks=(2,), n_per_prefix=1,
+                                 max_new_tokens=None)))
+  del settings['prepend_bos']
+  results = reproduce.run(reproduce.Protocol(**settings), log=lambda msg: None)
+  np.testing.assert_array_equal(results['tokens']['ar'][:, :6], BERT_PREFIXES)
+  record = json.loads((tmp_path / 'out' / 'pflm_k2' / 'throughput.json').read_text())
+  # the authors' lengths: prefix 6, LM1B total 128 -> 122 new tokens, 61 two-token steps
+  assert (record['prefix_len'], record['max_new_tokens']) == (6, 122)
+  assert record['nfe_per_token'] == pytest.approx(61 / 122)
+
+
+def test_completion_text_stops_after_the_first_eos():
+  generated = np.array([7, 8, 4, 9, 4, 10])
+  np.testing.assert_array_equal(reproduce.completion_ids(generated, 4), [7, 8, 4])
+  np.testing.assert_array_equal(reproduce.completion_ids(generated, 99), generated)
+  np.testing.assert_array_equal(reproduce.completion_ids(generated, None), generated)
 
 
 def test_k_above_the_students_k_max_fails_before_decoding(run_dir, tmp_path):
