@@ -10,16 +10,28 @@ written into the cache at c. Hint slots are never cached.
 
 Noise: the uniform for output position j of row b is uniform(fold_in(key, j))[b], so the AR
 decoder and a student of any k see the same u at the same position, and a run is reproducible.
+
+Sharding: `generate_ar` / `generate_pflm` are plain jits that follow their inputs' placement
+(one device in tests). `sharded_decoder(model, mesh, rules, kind, ...)` is the same loop with
+declared shardings: parameters by the logical-axis rules, prompts and outputs split over the
+batch axes, KV caches constrained by name (batch, heads, cache_length, head_dim). A batch that
+does not divide the batch axes is replicated (every device decodes every row), never padded:
+padding would change the (batch,)-shaped noise draws and so the tokens.
 """
 
-import contextlib
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
-from kforcing_jax import sampling, sharding
+from kforcing_jax import sampling, sharding, train_state
 from kforcing_jax.models import FunctionalModel
+
+CACHE_AXES = ('batch', 'heads', 'cache_length', 'head_dim')
 
 
 def position_uniforms(key: jax.Array, positions: jax.Array, batch: int) -> jax.Array:
@@ -31,15 +43,19 @@ def position_uniforms(key: jax.Array, positions: jax.Array, batch: int) -> jax.A
 def init_cache(backbone_cfg, batch: int, length: int):
   """Per-layer (k, v), each head-major (B, H, length, Dh) in the compute dtype."""
   shape = (batch, backbone_cfg.num_heads, length, backbone_cfg.head_dim)
-  zeros = lambda: jnp.zeros(shape, backbone_cfg.compute_dtype)  # noqa: E731
+  zeros = lambda: sharding.constrain(  # noqa: E731
+      jnp.zeros(shape, backbone_cfg.compute_dtype), CACHE_AXES)
   return [(zeros(), zeros()) for _ in range(backbone_cfg.num_layers)]
 
 
 def write_cache(cache, kvs, start):
-  """Write per-layer head-major (k, v) (B, H, n, Dh) into the cache at positions start.."""
-  return [(jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=2),
-           jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=2))
-          for (ck, cv), (k, v) in zip(cache, kvs)]
+  """Write per-layer head-major (k, v) (B, H, n, Dh) into the cache at positions start..
+
+  The result is constrained to the cache layout so the while-loop carry keeps one sharding
+  (no resharding of the whole cache between steps)."""
+  write = lambda c, x: sharding.constrain(  # noqa: E731
+      jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, axis=2), CACHE_AXES)
+  return [(write(ck, k), write(cv, v)) for (ck, cv), (k, v) in zip(cache, kvs)]
 
 
 def prefill(backbone, cache, tokens):
@@ -106,102 +122,181 @@ def _finish_eos(tokens, prefix_len: int, eos_id, pad_id: int):
   return jnp.where(after, pad_id, tokens)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'gen_len', 'eos_id', 'mesh_rules',
-                                             'return_logits'))
-def generate_ar(model: FunctionalModel, params, prompts, key, temperature=1.0, *,
-                gen_len: int, eos_id: int | None = None, mesh_rules=None,
-                return_logits: bool = False):
+
+def row_axes(ndim: int, vocab_last: bool = False) -> tuple:
+  """Logical names of a per-row array: the batch first; the vocabulary last for logits and
+  token counts, which the output head lays out by vocabulary."""
+  return ('batch',) + (None,) * (ndim - 1 - vocab_last) + (('vocab',) if vocab_last else ())
+
+
+def _rows(x, vocab_last: bool = False):
+  """Constrain a per-row loop buffer so the while-loop carry keeps one layout."""
+  return sharding.constrain(x, row_axes(x.ndim, vocab_last))
+
+
+def ar_decode_loop(model: FunctionalModel, params, prompts, key, temperature=1.0, *,
+                   gen_len: int, eos_id: int | None = None, return_logits: bool = False):
   """Ancestral sampling by inverse CDF. prompts (B, P) -> tokens (B, gen_len), prompt included.
 
   Rows stop at EOS (the rest is padding); the loop exits early once every row has stopped.
   With return_logits, also the (B, gen_len, V) logits each step computed (row j: the logits
   that produced token j; rows <= P-1 stay zero) - for tests against a full forward.
+  Traced by `generate_ar` (plain jit) and `sharded_decoder` (declared shardings).
   """
-  with _maybe_rules(mesh_rules):
-    backbone = model.module(params)
-    cfg = backbone.cfg
-    batch, plen = prompts.shape
-    _check_lengths(plen, gen_len, 1)
-    tokens = jnp.full((batch, gen_len), cfg.mask_id, jnp.int32).at[:, :plen].set(prompts)
-    cache = prefill(backbone, init_cache(cfg, batch, gen_len), prompts[:, :-1])
-    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
+  backbone = model.module(params)
+  cfg = backbone.cfg
+  batch, plen = prompts.shape
+  _check_lengths(plen, gen_len, 1)
+  tokens = _rows(jnp.full((batch, gen_len), cfg.mask_id, jnp.int32).at[:, :plen].set(prompts))
+  cache = prefill(backbone, init_cache(cfg, batch, gen_len), prompts[:, :-1])
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
+  logit_rows = (_rows(jnp.zeros((batch, gen_len, cfg.vocab_size)), True) if return_logits
+                else jnp.zeros((0,)))
 
-    logit_rows = jnp.zeros((batch, gen_len, cfg.vocab_size) if return_logits else (0,))
+  def body(state):
+    pos, tokens, cache, done, logit_rows = state
+    u = position_uniforms(key, pos[None] + 1, batch)[:, 0]
+    nxt, logits, cache = ar_step(backbone, cache,
+                                 jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1), pos, u,
+                                 temperature)
+    if return_logits:
+      logit_rows = _rows(jax.lax.dynamic_update_slice_in_dim(logit_rows, logits[:, None],
+                                                             pos + 1, 1), True)
+    nxt = jnp.where(done, cfg.mask_id, nxt)
+    tokens = _rows(jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1))
+    if eos_id is not None:
+      done = done | (nxt == eos_id)
+    return pos + 1, tokens, cache, done, logit_rows
 
-    def body(state):
-      pos, tokens, cache, done, logit_rows = state
-      u = position_uniforms(key, pos[None] + 1, batch)[:, 0]
-      nxt, logits, cache = ar_step(backbone, cache,
-                                   jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1), pos, u,
-                                   temperature)
-      if return_logits:
-        logit_rows = jax.lax.dynamic_update_slice_in_dim(logit_rows, logits[:, None], pos + 1, 1)
-      nxt = jnp.where(done, cfg.mask_id, nxt)
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1)
-      if eos_id is not None:
-        done = done | (nxt == eos_id)
-      return pos + 1, tokens, cache, done, logit_rows
+  def cond(state):
+    pos, _, _, done, _ = state
+    return (pos + 1 < gen_len) & ~jnp.all(done)
 
-    def cond(state):
-      pos, _, _, done, _ = state
-      return (pos + 1 < gen_len) & ~jnp.all(done)
-
-    state = (jnp.asarray(plen - 1, jnp.int32), tokens, cache, jnp.zeros((batch,), bool),
-             logit_rows)
-    _, tokens, _, _, logit_rows = jax.lax.while_loop(cond, body, state)
-    tokens = _finish_eos(tokens, plen, eos_id, cfg.mask_id)
-    return (tokens, logit_rows) if return_logits else tokens
+  state = (jnp.asarray(plen - 1, jnp.int32), tokens, cache, jnp.zeros((batch,), bool),
+           logit_rows)
+  _, tokens, _, _, logit_rows = jax.lax.while_loop(cond, body, state)
+  tokens = _finish_eos(tokens, plen, eos_id, cfg.mask_id)
+  return (tokens, logit_rows) if return_logits else tokens
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'gen_len', 'k', 'freq_penalty', 'eos_id',
-                                             'mesh_rules'))
-def generate_pflm(model: FunctionalModel, params, prompts, key, tau=1.0, *, gen_len: int, k: int,
-                  freq_penalty: float = 0.0, eos_id: int | None = None, mesh_rules=None):
+def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, gen_len: int,
+                     k: int, freq_penalty: float = 0.0, eos_id: int | None = None):
   """k-token push-forward decoding. prompts (B, P), P >= k -> tokens (B, gen_len).
 
   Each step feeds the k tokens emitted by the previous step (the prompt's last k at first)
   plus k hint states, and emits k tokens as (frequency-penalised) argmax of the hint logits.
+  Traced by `generate_pflm` (plain jit) and `sharded_decoder` (declared shardings).
   """
   if k > model.k_max:
     raise ValueError(f'k={k} is larger than this student supports (k_max={model.k_max}); '
                      f'decode with k <= {model.k_max} or distill a wider stage.')
-  with _maybe_rules(mesh_rules):
-    student = model.module(params)
-    backbone = student.backbone
-    cfg = backbone.cfg
-    batch, plen = prompts.shape
-    _check_lengths(plen, gen_len, k)
-    buffer_len = gen_len + k  # the last step may run past gen_len; cut at the end
-    tokens = jnp.full((batch, buffer_len), cfg.mask_id, jnp.int32).at[:, :plen].set(prompts)
-    cache = prefill(backbone, init_cache(cfg, batch, buffer_len), prompts[:, :plen - k])
-    tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (batch,))
-    # every hint state of the run in one batched call, hoisted out of the loop: the noise
-    # for position j does not depend on earlier tokens
-    all_hints = student.hint_states(
-        position_uniforms(key, jnp.arange(buffer_len + k), batch), tau[:, None])
+  student = model.module(params)
+  backbone = student.backbone
+  cfg = backbone.cfg
+  batch, plen = prompts.shape
+  _check_lengths(plen, gen_len, k)
+  buffer_len = gen_len + k  # the last step may run past gen_len; cut at the end
+  tokens = _rows(jnp.full((batch, buffer_len), cfg.mask_id, jnp.int32).at[:, :plen].set(prompts))
+  cache = prefill(backbone, init_cache(cfg, batch, buffer_len), prompts[:, :plen - k])
+  tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (batch,))
+  # every hint state of the run in one batched call, hoisted out of the loop: the noise
+  # for position j does not depend on earlier tokens
+  all_hints = student.hint_states(
+      position_uniforms(key, jnp.arange(buffer_len + k), batch), tau[:, None])
 
-    def body(state):
-      start, tokens, cache, counts, done = state  # tokens start..start+k-1 are pending
-      out_pos = start + k + jnp.arange(k)
-      active = (out_pos < gen_len)[None, :] & ~done[:, None]
-      new, counts, cache = pflm_step(
-          backbone, cache, jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1), start,
-          jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1), counts, freq_penalty,
-          active)
-      new = jnp.where(active, new, cfg.mask_id)
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new, start + k, axis=1)
-      if eos_id is not None:
-        done = done | jnp.any((new == eos_id) & active, axis=1)
-      return start + k, tokens, cache, counts, done
+  def body(state):
+    start, tokens, cache, counts, done = state  # tokens start..start+k-1 are pending
+    out_pos = start + k + jnp.arange(k)
+    active = (out_pos < gen_len)[None, :] & ~done[:, None]
+    new, counts, cache = pflm_step(
+        backbone, cache, jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1), start,
+        jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1), counts, freq_penalty,
+        active)
+    new = jnp.where(active, new, cfg.mask_id)
+    tokens = _rows(jax.lax.dynamic_update_slice_in_dim(tokens, new, start + k, axis=1))
+    if eos_id is not None:
+      done = done | jnp.any((new == eos_id) & active, axis=1)
+    return start + k, tokens, cache, _rows(counts, vocab_last=True), done
 
-    def cond(state):
-      start, _, _, _, done = state
-      return (start + k < gen_len) & ~jnp.all(done)
+  def cond(state):
+    start, _, _, _, done = state
+    return (start + k < gen_len) & ~jnp.all(done)
 
-    counts = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
-    state = (jnp.asarray(plen - k, jnp.int32), tokens, cache, counts, jnp.zeros((batch,), bool))
-    _, tokens, _, _, _ = jax.lax.while_loop(cond, body, state)
-    return _finish_eos(tokens[:, :gen_len], plen, eos_id, cfg.mask_id)
+  counts = _rows(jnp.zeros((batch, cfg.vocab_size), jnp.float32), vocab_last=True)
+  state = (jnp.asarray(plen - k, jnp.int32), tokens, cache, counts, jnp.zeros((batch,), bool))
+  _, tokens, _, _, _ = jax.lax.while_loop(cond, body, state)
+  return _finish_eos(tokens[:, :gen_len], plen, eos_id, cfg.mask_id)
+
+
+generate_ar = jax.jit(ar_decode_loop,
+                      static_argnames=('model', 'gen_len', 'eos_id', 'return_logits'))
+generate_pflm = jax.jit(pflm_decode_loop,
+                        static_argnames=('model', 'gen_len', 'k', 'freq_penalty', 'eos_id'))
+
+DECODE_LOOPS = {'ar': ar_decode_loop, 'pflm': pflm_decode_loop}
+
+
+def rows_sharding(mesh, rules, shape, vocab_last: bool = False) -> NamedSharding:
+  """Dim 0 over the batch axes when it divides them, else replicated (see the module doc)."""
+  return NamedSharding(mesh, sharding.logical_to_spec(row_axes(len(shape), vocab_last), rules,
+                                                      shape, mesh))
+
+
+def sharded_decoder(model: FunctionalModel, mesh, rules, kind: str, **static) -> Callable:
+  """`decode(params, prompts, key, noise_scale=1.0)` -> tokens (B, gen_len) (and, for
+  kind='ar' with return_logits=True, the (B, gen_len, V) logits), sharded over the batch.
+
+  kind: 'ar' (noise_scale = temperature) or 'pflm' (noise_scale = tau); `static` are the loop's
+  keyword arguments (gen_len, eos_id, k, freq_penalty, return_logits). One jit per prompt
+  shape, with in/out shardings declared: params as `train_state.param_shardings` lays them out
+  (what `checkpoints.import_params` returns), prompts and outputs by `rows_sharding`, the key
+  and noise_scale replicated. Prompts, key and noise_scale may be host values (identical on
+  every process); on several processes read the result with `to_host`.
+  """
+  if kind not in DECODE_LOOPS:
+    raise ValueError(f'unknown decoder kind {kind!r}; expected one of {sorted(DECODE_LOOPS)}.')
+  loop = functools.partial(DECODE_LOOPS[kind], model, **static)
+  param_shardings = train_state.param_shardings(model, mesh, rules)
+  replicated = sharding.replicated(mesh)
+
+  @functools.lru_cache(maxsize=None)
+  def compiled_for(batch: int, prompt_len: int, key_impl: str):
+    prompt_sharding = rows_sharding(mesh, rules, (batch, prompt_len))
+    out_shardings = rows_sharding(mesh, rules, (batch, static['gen_len']))
+    if static.get('return_logits'):
+      logits_shape = (batch, static['gen_len'], model.cfg.vocab_size)
+      out_shardings = (out_shardings, rows_sharding(mesh, rules, logits_shape, True))
+
+    # the key travels as raw uint32 data: a host value every process can pass to a jit that
+    # spans devices of other processes, where a single-device key array is rejected
+    def run(params, prompts, key_data, noise_scale):
+      with sharding.use_mesh_rules(mesh, rules):
+        return loop(params, prompts, jax.random.wrap_key_data(key_data, impl=key_impl),
+                    noise_scale)
+
+    jitted = jax.jit(run, in_shardings=(param_shardings, prompt_sharding, replicated, replicated),
+                     out_shardings=out_shardings)
+    return jitted, prompt_sharding
+
+  def decode_batch(params, prompts, key, noise_scale=1.0):
+    jitted, prompt_sharding = compiled_for(*prompts.shape, str(jax.random.key_impl(key)))
+    if isinstance(prompts, jax.Array) and (jax.process_count() == 1 or
+                                           not prompts.is_fully_addressable):
+      prompts = jax.device_put(prompts, prompt_sharding)  # a no-op when already laid out
+    else:  # host values: each process places the rows its own devices hold
+      host = np.asarray(prompts, np.int32)
+      prompts = jax.make_array_from_callback(host.shape, prompt_sharding, lambda i: host[i])
+    return jitted(params, prompts, np.asarray(jax.random.key_data(key)),
+                  np.asarray(noise_scale, np.float32))
+
+  return decode_batch
+
+
+def to_host(x) -> np.ndarray:
+  """A decode output as one numpy array on every process (gathered when sharded across them)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def _check_lengths(prefix_len: int, gen_len: int, k: int):
@@ -210,10 +305,3 @@ def _check_lengths(prefix_len: int, gen_len: int, k: int):
                      'the last k prompt tokens in its first step; use longer prompts.')
   if gen_len <= prefix_len:
     raise ValueError(f'gen_len={gen_len} must exceed the prompt length {prefix_len}.')
-
-
-def _maybe_rules(mesh_rules):
-  """`mesh_rules` = (mesh, rules) activates sharding constraints; None runs unconstrained."""
-  if mesh_rules is None:
-    return contextlib.nullcontext()
-  return sharding.use_mesh_rules(*mesh_rules)
