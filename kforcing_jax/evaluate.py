@@ -183,7 +183,7 @@ def load_candidates(config, workdir: str, mesh, rules, log) -> list[Candidate]:
   model, params = generate.load_model(config, workdir, 0, mesh, rules)
   temperature = float(dc.temperature)
   out = [Candidate('ar', 0, 1, model, params, {'temperature': temperature}, None)]
-  out[0].decode = _ar_decoder(model, params, temperature, dc.gen_len)
+  out[0].decode = _ar_decoder(model, params, temperature, dc.gen_len, mesh, rules)
   for k in student_stages(workdir):
     if dc.prefix_len < k:
       raise ValueError(f'student_k{k} decodes k={k} tokens per step but '
@@ -193,20 +193,20 @@ def load_candidates(config, workdir: str, mesh, rules, log) -> list[Candidate]:
     penalty = freq_penalty_for(config, k, log)
     cand = Candidate(f'pflm_k{k}', k, k, model, params, {'tau': 1.0, 'freq_penalty': penalty},
                      _stage_acc_total(workdir, k))
-    cand.decode = _pflm_decoder(model, params, k, penalty, dc.gen_len)
+    cand.decode = _pflm_decoder(model, params, k, penalty, dc.gen_len, mesh, rules)
     out.append(cand)
   return out
 
 
-def _ar_decoder(model, params, temperature, gen_len):
-  return lambda prompts, key: decode.generate_ar(model, params, prompts, key, temperature,
-                                                 gen_len=gen_len, eos_id=None)
+def _ar_decoder(model, params, temperature, gen_len, mesh, rules):
+  run = decode.sharded_decoder(model, mesh, rules, 'ar', gen_len=gen_len, eos_id=None)
+  return lambda prompts, key: run(params, prompts, key, temperature)
 
 
-def _pflm_decoder(model, params, k, penalty, gen_len):
-  return lambda prompts, key: decode.generate_pflm(model, params, prompts, key, 1.0,
-                                                   gen_len=gen_len, k=k, freq_penalty=penalty,
-                                                   eos_id=None)
+def _pflm_decoder(model, params, k, penalty, gen_len, mesh, rules):
+  run = decode.sharded_decoder(model, mesh, rules, 'pflm', gen_len=gen_len, k=k,
+                               freq_penalty=penalty, eos_id=None)
+  return lambda prompts, key: run(params, prompts, key, 1.0)
 
 
 def stored_param_shapes(directory: str) -> dict:
@@ -277,7 +277,7 @@ def decode_samples(cand: Candidate, prompts: np.ndarray, key, batch_sizes) -> np
   chunk = max(fitting) if fitting else num
   total = math.ceil(num / chunk) * chunk
   padded = np.resize(prompts, (total, prompts.shape[1])).astype(np.int32)
-  rows = [np.asarray(cand.decode(jnp.asarray(padded[s:s + chunk]), jax.random.fold_in(key, s)))
+  rows = [decode.to_host(cand.decode(padded[s:s + chunk], jax.random.fold_in(key, s)))
           for s in range(0, total, chunk)]
   return np.concatenate(rows, axis=0)[:num]
 

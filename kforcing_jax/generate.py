@@ -7,7 +7,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from kforcing_jax import checkpoints, cli, decode, distill, distributed, train, train_state
+from kforcing_jax import checkpoints, cli, decode, distill, distributed, progress, train
+from kforcing_jax import train_state
 
 _PROMPTS = flags.DEFINE_multi_string('prompt', ['To be, or not to be'], 'Prompt text(s).')
 _K = flags.DEFINE_integer('k', 0, '0 = AR teacher; otherwise decode the student with this k.')
@@ -30,7 +31,8 @@ def load_model(config, workdir: str, stage_k: int | None, mesh, rules):
   return model, params
 
 
-def complete(config, model, params, tokenizer, prompts: list[str], k: int, seed: int):
+def complete(config, model, params, tokenizer, prompts: list[str], k: int, seed: int, mesh,
+             rules):
   """Tokenize, decode to config.decode.gen_len, detokenize. Prompts are cut to the shortest."""
   encoded = [tokenizer.encode(p) for p in prompts]
   plen = min(len(e) for e in encoded)
@@ -40,14 +42,16 @@ def complete(config, model, params, tokenizer, prompts: list[str], k: int, seed:
   key = jax.random.key(seed)
   gen_len = max(config.decode.gen_len, plen + 1)
   if k == 0:
-    out = decode.generate_ar(model, params, prompt_ids, key, config.decode.temperature,
-                             gen_len=gen_len, eos_id=tokenizer.eos_id)
+    run = decode.sharded_decoder(model, mesh, rules, 'ar', gen_len=gen_len,
+                                 eos_id=tokenizer.eos_id)
+    out = run(params, prompt_ids, key, config.decode.temperature)
   else:
-    out = decode.generate_pflm(model, params, prompt_ids, key, 1.0, gen_len=gen_len, k=k,
-                               freq_penalty=float(config.decode.freq_penalty.get(str(k), 0.0)),
-                               eos_id=tokenizer.eos_id)
+    run = decode.sharded_decoder(
+        model, mesh, rules, 'pflm', gen_len=gen_len, k=k,
+        freq_penalty=float(config.decode.freq_penalty.get(str(k), 0.0)), eos_id=tokenizer.eos_id)
+    out = run(params, prompt_ids, key, 1.0)
   return [tokenizer.decode([t for t in row if t != config.model.mask_id])
-          for row in np.asarray(out)]
+          for row in decode.to_host(out)]
 
 
 def main(argv):
@@ -58,7 +62,10 @@ def main(argv):
   exp = train.Experiment(config)
   stage = _STUDENT_K.value or _K.value
   model, params = load_model(config, cli.WORKDIR.value, stage, exp.mesh, exp.rules)
-  texts = complete(config, model, params, exp.tokenizer, _PROMPTS.value, _K.value, _SEED.value)
+  texts = complete(config, model, params, exp.tokenizer, _PROMPTS.value, _K.value, _SEED.value,
+                   exp.mesh, exp.rules)
+  if not progress.is_main_process():
+    return
   name = 'AR teacher' if _K.value == 0 else f'student k_max={stage}, decode k={_K.value}'
   for prompt, text in zip(_PROMPTS.value, texts):
     print(f'--- {name} | prompt: {prompt!r}\n{text}\n')

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from kforcing_jax import cli, distill, evaluate, progress, train
+from kforcing_jax import cli, distill, distributed, evaluate, progress, sharding, train
+from kforcing_jax import train_state
 
 _OUTPUT = flags.DEFINE_string('output', 'runs/bench/decode_speed.json', 'Result JSON.')
 _KS = flags.DEFINE_list('ks', ['1', '2', '4'], 'Student k values to time.')
@@ -26,19 +27,25 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed rounds; the median is repor
 def main(argv):
   del argv
   cli.quiet_libraries()
+  distributed.initialize()
   config = cli.CONFIG.value
   dc, prefix_len, gen_len = config.decode, config.decode.prefix_len, config.decode.gen_len
+  mesh = sharding.mesh_from_config(config)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
   ar = train.teacher_model(config)
-  ar_params = ar.init(jax.random.key(0))
+  ar_params = jax.jit(ar.init, out_shardings=train_state.param_shardings(ar, mesh, rules))(
+      jax.random.key(0))
   cands = [evaluate.Candidate('ar', 0, 1, ar, ar_params, {}, None)]
-  cands[0].decode = evaluate._ar_decoder(ar, ar_params, dc.temperature, gen_len)
+  cands[0].decode = evaluate._ar_decoder(ar, ar_params, dc.temperature, gen_len, mesh, rules)
   for k in (int(k) for k in _KS.value):
     model = distill.student_model(config, k)
-    params = dict(model.init(jax.random.key(k)), backbone=ar_params)
+    params = jax.jit(model.init, out_shardings=train_state.param_shardings(model, mesh, rules))(
+        jax.random.key(k))
+    params['backbone'] = ar_params
     penalty = float(dc.freq_penalty.get(str(k), 0.0))
     cand = evaluate.Candidate(f'pflm_k{k}', k, k, model, params, {'freq_penalty': penalty},
                               None)
-    cand.decode = evaluate._pflm_decoder(model, params, k, penalty, gen_len)
+    cand.decode = evaluate._pflm_decoder(model, params, k, penalty, gen_len, mesh, rules)
     cands.append(cand)
   prompts = np.random.default_rng(0).integers(2, config.model.vocab_size, (1, prefix_len))
   speed = evaluate.measure_throughput(

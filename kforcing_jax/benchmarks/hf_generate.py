@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from kforcing_jax import cli, decode
+from kforcing_jax import cli, decode, distributed
 from kforcing_jax.models import FunctionalModel, backbone_config
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Where the JSON result goes (plot: same, .png).')
@@ -155,6 +155,7 @@ def run(config, output: str, batch_sizes, new_tokens: int, prefix_len: int, repe
 
 def main(argv):
   del argv
+  distributed.initialize()
   run(cli.CONFIG.value, _OUTPUT.value, [int(b) for b in _BATCH_SIZES.value], _NEW_TOKENS.value,
       _PREFIX_LEN.value, _REPEATS.value, _THREADS.value, _SEED.value)
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from kforcing_jax import cli, distill, sharding, train, train_state
+from kforcing_jax import cli, distill, distributed, sharding, train, train_state
 
 _BATCH = flags.DEFINE_integer('batch', 1, 'Sequences per step (global; one device here).')
 _K = flags.DEFINE_integer('k', 4, 'The distillation stage to compile (teacher = stage k/2).')
@@ -34,6 +34,7 @@ def _memory(compiled) -> dict:
 def main(argv):
   del argv
   cli.quiet_libraries()
+  distributed.initialize()
   config = cli.CONFIG.value
   mesh, rules = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES
   b, n, k = _BATCH.value, config.data.seq_len, _K.value
@@ -65,7 +66,7 @@ def main(argv):
   results[f'distill_k{k}_step'] = _memory(step.lower(abstract, d_batch, t_abstract,
                                                      None).compile())
   print(f'distill k={k} step', results[f'distill_k{k}_step'], flush=True)
-  if _OUTPUT.value:
+  if _OUTPUT.value and jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, 'w') as f:
       json.dump(results, f, indent=2)
