@@ -21,10 +21,11 @@ def banner(text: str) -> None:
 def run(config, workdir: str) -> None:
   t0 = time.time()
   banner('1/4 prepare data')
-  data.prepare(config)
+  distributed.main_process_first('prepare data', lambda: data.prepare(config))
   banner('2/4 train the AR teacher')
   if os.path.exists(os.path.join(workdir, 'teacher', 'eval.json')):
-    print('teacher already trained; skipping', flush=True)
+    if progress.is_main_process():
+      print('teacher already trained; skipping', flush=True)
   else:
     train.run(config, workdir)
   banner('3/4 distill ' + ' -> '.join(f'k={k}' for k, _ in config.distill.stages))
