@@ -2,12 +2,17 @@
 
 Restores always target abstract arrays that carry the *current* mesh's shardings, so a
 checkpoint written on one mesh (or number of hosts) restores on any other, including one CPU.
+
+Multi-host: every process calls save, restore, export_params and import_params (orbax
+writes each process's shards and synchronises the commit); never call them from process 0
+only, or the others wait at orbax's barrier forever. Paths may be local or gs://.
 """
 
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def abstract_like(tree, shardings):
@@ -55,14 +60,18 @@ class Checkpointer:
 
 
 def export_params(directory: str, params, meta: dict) -> None:
-  """A params-only checkpoint (synchronous) for inference and stage initialisation."""
+  """A params-only checkpoint (synchronous) for inference and stage initialisation.
+
+  Exporting again (a run resumed after its export) writes the next step number and orbax then
+  drops the older one, so a valid export exists at every moment."""
   ckpt = Checkpointer(directory, keep=1, async_save=False)
-  ckpt.save(0, params, meta)
+  previous = ckpt.latest_step()
+  ckpt.save(0 if previous is None else previous + 1, params, meta)
   ckpt.close()
 
 
 def has_params(directory: str) -> bool:
-  return os.path.isdir(directory) and Checkpointer(directory).latest_step() is not None
+  return epath.Path(directory).is_dir() and Checkpointer(directory).latest_step() is not None
 
 
 def import_params(directory: str, abstract_params):
