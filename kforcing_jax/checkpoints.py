@@ -26,14 +26,22 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    # handlers named up front so `state_shapes` can read metadata without a restore target
     self._manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
                                              create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def state_shapes(self, step: int):
+    """The saved state's structure with a shape tuple per array, read without loading it."""
+    tree = self._manager.item_metadata(step)['state'].tree
+    return jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, 'shape'))
 
   def save(self, step: int, state, meta: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

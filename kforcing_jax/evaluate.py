@@ -50,7 +50,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
 from ml_collections import config_flags
 
@@ -215,9 +214,7 @@ def stored_param_shapes(directory: str) -> dict:
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f'no parameters exported under {directory}.')
-  meta = ocp.StandardCheckpointer().metadata(os.path.join(ckpt.directory, str(step), 'state'))
-  return jax.tree.map(lambda m: tuple(m.shape), meta.item_metadata.tree,
-                      is_leaf=lambda m: hasattr(m, 'shape'))
+  return ckpt.state_shapes(step)
 
 
 def _flat_shapes(tree) -> dict:
