@@ -246,8 +246,8 @@ class Stage:
     if n > self.exp.config.data.seq_len:
       raise ValueError(f'distill.seq_len={n} exceeds data.seq_len='
                        f'{self.exp.config.data.seq_len}.')
-    procs, pid = jax.process_count(), jax.process_index()
-    rows = slice(pid * batch_size // procs, (pid + 1) * batch_size // procs)
+    block, blocks = distributed.local_batch_rows(self.exp.mesh, self.exp.rules, batch_size)
+    rows = slice(block * batch_size // blocks, (block + 1) * batch_size // blocks)
 
     def batch_at(step):
       noise = stage_noise(self.exp.config.seed + seed_offset, step, batch_size, n, self.k,
@@ -267,7 +267,8 @@ class Stage:
     teacher_params = self.teacher_params
 
     def init_params(rng):
-      return init_student_from(teacher_params, fresh(rng), source_kind)
+      log = print if progress.is_main_process() else (lambda msg: None)
+      return init_student_from(teacher_params, fresh(rng), source_kind, log=log)
 
     init = train_state.make_init_state(self.student, optimizer, abstract)
     batch_sh = {key: sharding.batch_sharding(mesh, nd, rules)

@@ -68,11 +68,9 @@ class Experiment:
     data.check_vocab(config, self.tokenizer)
 
   def batch_fn(self, split: str, batch_size: int, shuffle: bool):
-    procs = jax.process_count()
-    if batch_size % procs:
-      raise ValueError(f'batch size {batch_size} does not divide over {procs} processes.')
+    block, blocks = distributed.local_batch_rows(self.mesh, self.rules, batch_size)
     source = data.make_batch_source(self.config, split, batch_size, shuffle=shuffle,
-                                    process_index=jax.process_index(), process_count=procs)
+                                    process_index=block, process_count=blocks)
     return lambda step: sharding.global_batch(source.batch(step), self.mesh, self.rules)
 
   def eval_batches(self, batch_size: int, num: int):
@@ -86,7 +84,7 @@ class Experiment:
 def run(config, workdir: str) -> dict:
   """Train (or resume) the teacher; returns the eval.json contents."""
   t0 = time.time()
-  data.prepare(config)
+  distributed.main_process_first('prepare data', lambda: data.prepare(config))
   exp = Experiment(config)
   model = teacher_model(config)
   tc = config.train
