@@ -216,6 +216,12 @@ class Stage:
     config = exp.config
     self.exp, self.k, self.steps = exp, k, steps
     self.dc = config.distill
+    if self.dc.data_weight > 0 and self.dc.microbatches > 1:
+      # microbatches are weighted by the main term's window count; the data term averages over
+      # its own (different) count, so accumulation would not equal the full-batch update
+      raise ValueError(f'distill.data_weight={self.dc.data_weight} with distill.microbatches='
+                       f'{self.dc.microbatches} is not supported: set microbatches=1 (with '
+                       'model.remat to save memory) or data_weight=0.')
     self.dir = stage_dir(workdir, k)
     self.student = student_model(config, k)
     self.ar = train.teacher_model(config)

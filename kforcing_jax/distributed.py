@@ -1,9 +1,13 @@
 """Multi-host start-up and the few things every host must agree on.
 
 Every absl main calls `initialize()` before any other JAX call. Single-host runs are
-unaffected. On a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES lists more than one worker) JAX
-discovers the cluster itself; elsewhere pass the coordinator explicitly with
---coordinator_address/--num_processes/--process_id (GPU nodes, local tests).
+unaffected. Three ways in:
+  - explicit: --coordinator_address/--num_processes/--process_id (GPU nodes, local tests);
+  - KFORCING_DISTRIBUTED=1 (launch/tpu_pod.sh sets it on every worker): JAX discovers the
+    cluster itself - on a Cloud TPU VM slice from the TPU metadata server. A GCE TPU VM has no
+    environment variable that says "pod slice", hence the switch: without it each host would
+    run alone on its local chips;
+  - a GKE TPU pod (TPU_WORKER_HOSTNAMES lists more than one worker): discovered the same way.
 
 After that, the multi-host contract of this code base:
   * each process reads only the batch rows its own devices hold (`local_batch_rows`) and
@@ -34,7 +38,9 @@ _initialized = False
 T = TypeVar('T')
 
 
-def _on_tpu_pod() -> bool:
+def _auto_detect_cluster() -> bool:
+  if os.environ.get('KFORCING_DISTRIBUTED') == '1':
+    return True
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
   return len([h for h in hosts.split(',') if h]) > 1
 
@@ -53,7 +59,7 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif _on_tpu_pod():
+  elif _auto_detect_cluster():
     jax.distributed.initialize()
   _initialized = True
 

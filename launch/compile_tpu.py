@@ -12,8 +12,9 @@ Programs, built with the same functions the real runs use:
   * the teacher train step (train_state.make_train_step + train.lm_loss, train.microbatches);
   * one distillation step per stage of config.distill.stages (distill.distill_loss; teacher =
     the AR model for k = 1, else the previous stage's student; distill.microbatches);
-  * the decode loops (decode.generate_ar / generate_pflm at decode.gen_len and the largest of
-    eval.batch_sizes, batch-sharded over the mesh);
+  * the decode loops (decode.generate_ar / generate_pflm - the loop bodies that
+    decode.sharded_decoder jits - traced under the mesh rules, at decode.gen_len and the
+    largest of eval.batch_sizes, with batch-sharded prompts and rule-sharded parameters);
   * one decode STEP (roofline's wrapping of decode.ar_step / pflm_step) per batch size in
     eval.batch_sizes on ONE device, for the speed model.
 
@@ -49,7 +50,7 @@ class Target:
   """A TPU slice: how libtpu names its topology, usable HBM per device, published chip peaks."""
   topology_name: str
   chip_config_name: str
-  hbm_bytes: float            # usable per device, as libtpu 0.0.42.1 reports it (ENVIRONMENT.md)
+  hbm_bytes: float            # usable per device, as libtpu 0.0.42.1 reports it on this machine
   peak_bf16_flops: float      # per device (a v4/v5p megacore device is one whole chip)
   hbm_bytes_per_s: float
   source: str

@@ -95,7 +95,7 @@ cmd_start() {
   need_target
   local remote
   remote=$(remote_command "$@")
-  on_all_workers "nohup bash -c $(printf '%q' "$remote") > $REMOTE_DIR/run.log 2>&1 &"
+  on_all_workers "nohup bash -c $(printf '%q' "$remote") < /dev/null > $REMOTE_DIR/run.log 2>&1 &"
 }
 
 # gcsfuse-mount the bucket at the same path on every worker: TFDS array_record files (read

@@ -89,7 +89,7 @@ def ref_stream(sd, x, positions, num_heads):
   s, d = x.shape
   dh = d // num_heads
   causal = np.tril(np.ones((s, s), bool))
-  for i in range(layout.num_blocks(sd)):
+  for i in range(len({k.split('.')[1] for k in sd if k.startswith('blocks.')})):
     p = f'blocks.{i}.'
     qkv = ref_layer_norm(x, sd[p + 'norm1.weight']) @ sd[p + 'attn_qkv.weight'].T
     q, k, v = (qkv[:, j * d:(j + 1) * d].reshape(s, num_heads, dh) for j in range(3))
@@ -109,7 +109,7 @@ def ref_stream(sd, x, positions, num_heads):
 
 def ref_noise_encoder(sd, u, tau):
   """u (k,), tau scalar -> hints (k, D): columns cos(u) | sin(u) | cos(tau) | sin(tau)."""
-  p = layout.NOISE_ENCODER
+  p = 'noise_encoder.'
   half = sd[p + 'combined_proj.bias'].shape[0] // 2
   freqs = 10000.0 ** (-np.arange(half) / half)
   angles_u = 2 * np.pi * u[:, None] * freqs
@@ -126,7 +126,7 @@ def ref_hint_logits(sd, tokens, t, u, tau, num_heads):
   """Window t's hint logits (k, V): the stream [tokens 0..t | k hints] at positions
   [0..t | t+1..t+k] under a causal mask is exactly the all-windows mask for this window."""
   k = u.shape[0]
-  x = np.concatenate([sd[layout.EMBEDDING][tokens[:t + 1]], ref_noise_encoder(sd, u, tau)])
+  x = np.concatenate([sd['vocab_embed.embedding'][tokens[:t + 1]], ref_noise_encoder(sd, u, tau)])
   positions = np.arange(t + 1 + k, dtype=np.float64)
   return ref_stream(sd, x, positions, num_heads)[t + 1:]
 
@@ -146,6 +146,28 @@ def assert_real_logits_match(ours, reference):
 
 
 # ----------------------------------------------------------------------------- layout
+
+def test_key_names_and_shapes_are_the_documented_ones():
+  # METHOD.md s.6 written out by hand for L=1, D=8, V=11, H=2 (Dh=4): a typo in the layout table
+  # would otherwise also reach the synthetic writer and pass every numeric test
+  dims = layout.Dims(vocab_size=11, d_model=8, num_layers=1, num_heads=2)
+  documented = {
+      'vocab_embed.embedding': (11, 8), 'rotary_emb.inv_freq': (2,),
+      'blocks.0.norm1.weight': (8,), 'blocks.0.attn_qkv.weight': (24, 8),
+      'blocks.0.attn_out.weight': (8, 8), 'blocks.0.norm2.weight': (8,),
+      'blocks.0.mlp.0.weight': (32, 8), 'blocks.0.mlp.0.bias': (32,),
+      'blocks.0.mlp.2.weight': (8, 32), 'blocks.0.mlp.2.bias': (8,),
+      'output_layer.norm_final.weight': (8,), 'output_layer.linear.weight': (11, 8),
+      'output_layer.linear.bias': (11,)}
+  student = {
+      'noise_encoder.combined_proj.weight': (8, 16), 'noise_encoder.combined_proj.bias': (8,),
+      'noise_encoder.norm.weight': (8,), 'noise_encoder.norm.bias': (8,),
+      'noise_encoder.mlp.0.weight': (32, 8), 'noise_encoder.mlp.0.bias': (32,),
+      'noise_encoder.mlp.2.weight': (8, 32), 'noise_encoder.mlp.2.bias': (8,)}
+  assert {k: tuple(v) for k, v in layout.expected_shapes('ar', dims).items()} == documented
+  assert ({k: tuple(v) for k, v in layout.expected_shapes('pflm', dims).items()}
+          == {**documented, **student})
+
 
 def test_documented_counts():
   # METHOD.md s.6: AR 101 entries and 162,246,482 params (OWT, L=12, D=768); the student adds
@@ -176,7 +198,7 @@ def test_ar_logits_equal_numpy_reference(tmp_path, suffix):
   tokens = np.random.default_rng(1).integers(0, DIMS.vocab_size, (2, 9))
   logits, _ = jax.jit(lambda p, t: model.module(p)(t))(params, jnp.asarray(tokens, jnp.int32))
   sd = float64(state)
-  reference = np.stack([ref_stream(sd, sd[layout.EMBEDDING][row], np.arange(9.0),
+  reference = np.stack([ref_stream(sd, sd['vocab_embed.embedding'][row], np.arange(9.0),
                                    DIMS.num_heads) for row in tokens])
   assert_real_logits_match(logits, reference)
 

@@ -134,6 +134,13 @@ def test_stage_needs_its_teacher(tiny_data_config, tmp_path):
     distill.run(tiny_data_config, str(tmp_path), only_stage=1)
 
 
+def test_data_term_refuses_gradient_accumulation(tiny_data_config, tmp_path):
+  tiny_data_config.distill.data_weight = 0.5
+  tiny_data_config.distill.microbatches = 2
+  with pytest.raises(ValueError, match='not supported'):
+    distill.run(tiny_data_config, str(tmp_path), only_stage=1)
+
+
 def test_short_stage_learns_to_use_the_noise(tiny_data_config, tmp_path):
   """A few hundred k=1 steps beat the ignore-the-noise baseline E[max p] on held-out text."""
   config = tiny_data_config

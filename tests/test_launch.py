@@ -122,3 +122,30 @@ def test_gpu_multinode_appends_distributed_flags(tmp_path):
   proc = subprocess.run(['bash', str(ROOT / 'launch/gpu_node.sh'), 'run', 'python', '-m', 'x'],
                         env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and 'NODE_RANK' in proc.stderr
+
+
+@pytest.fixture
+def fresh_distributed(monkeypatch):
+  """kforcing_jax.distributed with its once-only guard reset and jax.distributed.initialize
+  recorded instead of called; flags parsed with no arguments."""
+  from absl import flags
+  from kforcing_jax import distributed
+  calls = []
+  monkeypatch.setattr(distributed, '_initialized', False)
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
+                      lambda **kwargs: calls.append(kwargs))
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  monkeypatch.delenv('KFORCING_DISTRIBUTED', raising=False)
+  monkeypatch.delenv('TPU_WORKER_HOSTNAMES', raising=False)
+  return distributed, calls
+
+
+def test_launch_switch_turns_on_cluster_auto_detection(fresh_distributed, monkeypatch):
+  distributed, calls = fresh_distributed
+  distributed.initialize()
+  assert calls == []  # a plain single-host run never starts the distributed client
+  monkeypatch.setattr(distributed, '_initialized', False)
+  monkeypatch.setenv('KFORCING_DISTRIBUTED', '1')  # what tpu_pod.sh run/start set remotely
+  distributed.initialize()
+  assert calls == [{}]  # no arguments: JAX discovers the slice itself
