@@ -3,28 +3,18 @@
 (bit-for-bit: restoring only moves shards, it never computes), laid out as the abstract target
 asks."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax.numpy as jnp
 import pytest
 
 from kforcing_jax import checkpoints
+from tests.helpers import fake_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def resharded(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp('reshard') / 'checkpoints')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'tests.helpers.checkpoint_reshard', directory],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json('tests.helpers.checkpoint_reshard', directory)
 
 
 def test_the_source_state_is_really_sharded(resharded):

@@ -6,16 +6,12 @@ parallel: KV caches split by heads, logits by vocabulary), against the plain jit
 one device. A batch of 3 does not divide the batch axes and is replicated.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import fake_devices
+
 RUNS = ('1:8', '8,1,1:8', '2,2,2:8', '1:3', '2,2,2:3')
 # float32 matmuls split over fsdp/tensor devices sum in another order: logits agree to ~2e-6
 # (measured 1.8e-6); a layout bug (wrong rows, wrong cache slots) is O(1).
@@ -24,12 +20,7 @@ LOGIT_ATOL = 2e-5
 
 @pytest.fixture(scope='module')
 def decoded():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'tests.helpers.sharded_decode', *RUNS],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json('tests.helpers.sharded_decode', *RUNS)
 
 
 @pytest.mark.parametrize('run', ['8,1,1:8', '2,2,2:8', '2,2,2:3'])

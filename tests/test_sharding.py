@@ -1,16 +1,11 @@
 """Sharded == single device: teacher and k=4 distillation steps on 8 fake CPU devices."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from kforcing_jax import sharding
+from tests.helpers import fake_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ('1,1,1', '8,1,1', '2,4,1', '2,2,2')
 # float32 reductions split over devices sum in a different order: agreement to ~1e-6
 # relative is expected, anything like a layout bug is O(1).
@@ -19,12 +14,7 @@ RTOL, ATOL = 2e-5, 2e-6
 
 @pytest.fixture(scope='module')
 def mesh_results():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'tests.helpers.sharded_steps', *MESHES],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json('tests.helpers.sharded_steps', *MESHES, timeout=900)
 
 
 @pytest.mark.parametrize('mesh', MESHES[1:])
