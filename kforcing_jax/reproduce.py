@@ -30,8 +30,9 @@ batches of batch_size; the last batch is filled up by repeating rows from the st
 compiled shape) and the filler outputs are dropped. Batch b draws its noise from
 fold_in(key(seed), b) for every model, so the AR model and each K see the same u at the same
 position. AR: temperature-1 inverse-CDF sampling with the KV cache (decode.generate_ar).
-Student: K tokens per forward (decode.generate_pflm), tau = 1, frequency penalty
-AUTHORS_FREQ_PENALTY[task][K] (override: --freq_penalty). Fixed length: no EOS stop.
+Student: K tokens per forward (decode.generate_pflm), tau = 1, frequency penalty = the authors'
+lambda for K, read from configs/{lm1b,owt}_ar.py decode.freq_penalty (override:
+--freq_penalty). Fixed length: no EOS stop.
 
 Timing, per model, on one local device, all models in the same process: n_warmup_batches
 untimed decodes of batch 0 (the first also compiles; with 0 warm-ups the first timed batch
@@ -68,6 +69,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from configs import lm1b_ar, owt_ar
 from kforcing_jax import checkpoints, cli, decode, distributed, evaluate, progress, sharding
 from kforcing_jax import train_state
 from kforcing_jax.data import tokenizers
@@ -84,11 +86,13 @@ class Task:
   freq_penalty: dict          # the authors' lambda per K
 
 
-TASKS = {
-    'lm1b': Task('bert', 'vocab/bert-base-uncased/vocab.txt', 128,
-                 {1: 0.0, 2: 0.2, 3: 0.4, 4: 0.5}),
-    'owt': Task('gpt2', 'vocab/gpt2', 1024, {1: 0.0, 2: 0.3, 3: 0.5, 4: 0.5}),
-}
+def _task(config) -> Task:
+  """A task's protocol settings from its paper config: one table of penalties and lengths."""
+  return Task(config.data.tokenizer, config.data.tokenizer_path, config.decode.gen_len,
+              {int(k): float(v) for k, v in config.decode.freq_penalty.items()})
+
+
+TASKS = {'lm1b': _task(lm1b_ar.get_config()), 'owt': _task(owt_ar.get_config())}
 
 THROUGHPUT_FIELDS = (
     'model', 'task', 'batch_size', 'n_per_prefix', 'total_samples', 'max_new_tokens',

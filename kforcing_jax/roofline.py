@@ -93,10 +93,12 @@ def _as_dict(cost):
 
 
 def xla_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: int, *,
-                  temperature: float = 1.0, freq_penalty: float = 0.0) -> dict:
+                  temperature: float = 1.0, freq_penalty: float = 0.0, device=None) -> dict:
   """{'flops', 'bytes'} of one compiled decode step at `batch` (decode_k 0 = the AR step).
 
-  Lowered on abstract shapes only: no parameters or device memory are needed."""
+  Lowered on abstract shapes only: no parameters or device memory are needed. `device`
+  (default: the default backend's) may be an abstract one, e.g. a TPU from
+  jax.experimental.topologies, to cost the step for that chip."""
   cfg = model.cfg
   cache_len = gen_len if decode_k == 0 else gen_len + decode_k  # as the decode loops allocate
   cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, cache_len))
@@ -110,6 +112,9 @@ def xla_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: in
     args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, decode_k), jnp.int32), pos,
             jax.ShapeDtypeStruct((batch, decode_k, cfg.d_model), cfg.compute_dtype),
             jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
+  if device is not None:
+    place = jax.sharding.SingleDeviceSharding(device)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), args)
   cost = _as_dict(jax.jit(step, donate_argnums=(1,)).lower(*args).compile().cost_analysis())
   return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
 

@@ -15,7 +15,7 @@ Programs, built with the same functions the real runs use:
   * the decode loops (decode.generate_ar / generate_pflm - the loop bodies that
     decode.sharded_decoder jits - traced under the mesh rules, at decode.gen_len and the
     largest of eval.batch_sizes, with batch-sharded prompts and rule-sharded parameters);
-  * one decode STEP (roofline's wrapping of decode.ar_step / pflm_step) per batch size in
+  * one decode STEP (roofline.xla_step_cost: decode.ar_step / pflm_step) per batch size in
     eval.batch_sizes on ONE device, for the speed model.
 
 Per program it prints XLA's per-device memory analysis and compares the peak with the
@@ -40,7 +40,6 @@ import jax.numpy as jnp
 from absl import flags
 
 from kforcing_jax import cli, decode, distill, roofline, sharding, train, train_state
-from kforcing_jax.models import FunctionalModel
 
 GIB = 1 << 30
 
@@ -230,34 +229,6 @@ def program_entry(name, compiled, seconds, microbatches=1, loop=False, **shape) 
 
 # ----------------------------------------------------------------------------- speed model
 
-def step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: int, device,
-              freq_penalty: float = 0.0) -> dict:
-  """{'flops', 'bytes'} from cost_analysis of ONE decode step compiled for `device`.
-
-  The step is roofline.py's wrapping of decode.ar_step / pflm_step (the loops' bodies) - what
-  roofline.xla_step_cost compiles for the default device, here placed on a chosen one."""
-  cfg = model.cfg
-  place = jax.sharding.SingleDeviceSharding(device)
-  on_device = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place)  # noqa: E731
-  cache_len = gen_len if decode_k == 0 else gen_len + decode_k  # as the decode loops allocate
-  cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, cache_len))
-  pos = jax.ShapeDtypeStruct((), jnp.int32)
-  if decode_k == 0:
-    step = roofline._ar_step(model, 1.0)  # noqa: SLF001 - the same step roofline costs
-    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32), pos,
-            jax.ShapeDtypeStruct((batch,), jnp.float32))
-  else:
-    step = roofline._pflm_step(model, decode_k, freq_penalty)  # noqa: SLF001
-    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, decode_k), jnp.int32), pos,
-            jax.ShapeDtypeStruct((batch, decode_k, cfg.d_model), cfg.compute_dtype),
-            jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
-  compiled = jax.jit(step, donate_argnums=(1,)).lower(
-      *jax.tree.map(on_device, args)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
-
-
 def speed_model(config, device, peak_flops: float, bytes_per_s: float, log) -> dict:
   """Predicted tokens/s per (decoder, batch) on one device, and each student's speed-up."""
   gen_len, prefix_len = config.decode.gen_len, config.decode.prefix_len
@@ -273,7 +244,8 @@ def speed_model(config, device, peak_flops: float, bytes_per_s: float, log) -> d
     penalty = float(config.decode.freq_penalty.get(str(k), 0.0)) if k else 0.0
     for batch in batches:
       t0 = time.perf_counter()
-      cost = step_cost(model, k, batch, gen_len, device, penalty)
+      cost = roofline.xla_step_cost(model, k, batch, gen_len, freq_penalty=penalty,
+                                    device=device)
       compute_s, memory_s = cost['flops'] / peak_flops, cost['bytes'] / bytes_per_s
       step_s = max(compute_s, memory_s)
       rows[name].append(dict(batch=batch, decode_steps=steps, step_flops=cost['flops'],
