@@ -2,15 +2,23 @@
 
 import ml_collections
 
-from kforcing_jax import sharding
-
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # (data, fsdp, tensor); one -1 fills the remaining devices. One CPU is (1, 1, 1).
   c.mesh_shape = (-1, 1, 1)
-  c.sharding_rules = sharding.DEFAULT_RULES
+  # logical axis name -> mesh axes (kforcing_jax/sharding.py explains the rules table)
+  c.sharding_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('head_dim', None),
+      ('length', None),
+      ('cache_length', None),
+  )
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shakespeare'        # shakespeare | lm1b | owt
@@ -75,7 +83,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.decode.prefix_len = 6
   c.decode.gen_len = 128             # total length, prefix included
   c.decode.temperature = 1.0
-  c.decode.num_samples = 4           # completions printed by `generate` / the demo
   # frequency penalty lambda per decode k (METHOD.md s.3); keys are strings for ml_collections
   c.decode.freq_penalty = {'1': 0.0, '2': 0.2, '3': 0.4, '4': 0.5}
 

@@ -27,5 +27,4 @@ def get_config():
   c.distill.eval_batches = 1
   c.distill.checkpoint_every = 10
   c.decode.gen_len = 24
-  c.decode.num_samples = 2
   return c

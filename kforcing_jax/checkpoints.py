@@ -59,8 +59,10 @@ class Checkpointer:
                        'that wrote it.') from e
     return restored['state'], restored['meta']
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def read_meta(self, step: int) -> dict:
+    """The JSON meta saved with `step`, read without the arrays."""
+    return dict(self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
   def close(self) -> None:
     self._manager.wait_until_finished()
@@ -82,10 +84,27 @@ def has_params(directory: str) -> bool:
   return epath.Path(directory).is_dir() and Checkpointer(directory).latest_step() is not None
 
 
-def import_params(directory: str, abstract_params):
-  """Load a params-only export onto `abstract_params`' shardings. Returns (params, meta)."""
+def _latest_export(directory: str) -> tuple[Checkpointer, int]:
   ckpt = Checkpointer(directory, keep=1, async_save=False)
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f'no parameters exported under {directory}.')
+  return ckpt, step
+
+
+def stored_shapes(directory: str) -> dict:
+  """Nested dict of the parameter shapes in a params-only export, read without the arrays."""
+  ckpt, step = _latest_export(directory)
+  return ckpt.state_shapes(step)
+
+
+def stored_meta(directory: str) -> dict:
+  """The meta dict of a params-only export ({'kind', 'k', 'steps', ...}), without the arrays."""
+  ckpt, step = _latest_export(directory)
+  return ckpt.read_meta(step)
+
+
+def import_params(directory: str, abstract_params):
+  """Load a params-only export onto `abstract_params`' shardings. Returns (params, meta)."""
+  ckpt, step = _latest_export(directory)
   return ckpt.restore(step, abstract_params)

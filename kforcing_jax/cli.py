@@ -1,19 +1,31 @@
-"""The flags every absl main shares (--config, --workdir), defined once.
+"""What every absl main shares: the flags (--config, --workdir, the multi-host ones), quiet
+libraries, distributed start-up and the error guard.
 
-Mains stay thin: parse flags, `distributed.initialize()`, call `run(config, workdir)`.
+A main under kforcing_jax/main/ is then one line over a library call:
+
+    cli.main(teacher.run)                   # parse, start up, run(config, workdir)
+
+or, for mains with flags of their own, `cli.run(main)` around a function that calls `start()`.
 """
 
 import os
 import sys
+from typing import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from kforcing_jax import distributed
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
                                          '(configs/<name>.py); override fields with '
                                          '--config.train.steps=100 etc.', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run directory: teacher/, student_k*/, '
                               'report/.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total processes (multi-host).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
 
 
 def quiet_libraries() -> None:
@@ -21,7 +33,18 @@ def quiet_libraries() -> None:
   logging.set_verbosity(logging.WARNING)
 
 
-def run(main) -> None:
+def start() -> None:
+  """Quiet the libraries and join the cluster (when the flags or the environment say so)."""
+  quiet_libraries()
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def config_file() -> str:
+  """The --config file name as given (for reports)."""
+  return config_flags.get_config_filename(flags.FLAGS['config'])
+
+
+def run(main: Callable) -> None:
   """`absl.app.run(main)`, with errors a user can cause (bad config value, missing data or
   checkpoint, mismatched shapes) printed as one line instead of a traceback. Set
   KFORCING_TRACEBACK=1 to see the traceback anyway."""
@@ -34,3 +57,16 @@ def run(main) -> None:
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(2)
   app.run(guarded)
+
+
+def main(run_fn: Callable, **kwargs: Callable[[], object]) -> None:
+  """The whole main of a `run(config, workdir, ...)` library function: --config is required;
+  each keyword is a flag reader whose value is passed as that keyword argument."""
+  def entry(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    start()
+    run_fn(CONFIG.value, WORKDIR.value, **{name: read() for name, read in kwargs.items()})
+
+  flags.mark_flags_as_required(['config'])
+  run(entry)

@@ -19,6 +19,7 @@ does not divide the batch axes is replicated (every device decodes every row), n
 padding would change the (batch,)-shaped noise draws and so the tokens.
 """
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -290,6 +291,60 @@ def sharded_decoder(model: FunctionalModel, mesh, rules, kind: str, **static) ->
                   np.asarray(noise_scale, np.float32))
 
   return decode_batch
+
+
+def freq_penalty(config, k: int) -> float:
+  """The frequency penalty lambda a k-token decode uses: config.decode.freq_penalty[str(k)]
+  (the authors' values per k), and 0 for a k the table does not list. The one rule."""
+  return float(config.decode.freq_penalty.get(str(k), 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """A loaded model bound to its decode settings: `decoder(prompts, key)` -> tokens (B, L).
+
+  name: 'ar' or 'pflm_k{k}' (k tokens per step); kind 'ar' | 'pflm'; settings: what is reported
+  beside its results (temperature, or tau and freq_penalty)."""
+  name: str
+  kind: str
+  k: int
+  settings: dict
+  run: Callable = dataclasses.field(repr=False)
+
+  def __call__(self, prompts, key):
+    return self.run(prompts, key)
+
+
+def decoder(export, layout, *, gen_len: int, k: int | None = None, eos_id: int | None = None,
+            penalty: float = 0.0, temperature: float = 1.0) -> Decoder:
+  """A Decoder for a `rundir.Export` on `layout`: the AR teacher samples at `temperature`;
+  a student decodes k (default: its own k_max) tokens per step at tau = 1 with `penalty`."""
+  if export.kind == 'ar':
+    run = sharded_decoder(export.model, layout.mesh, layout.rules, 'ar', gen_len=gen_len,
+                          eos_id=eos_id)
+    return Decoder('ar', 'ar', 1, {'temperature': float(temperature)},
+                   lambda prompts, key: run(export.params, prompts, key, temperature))
+  k = export.k if k is None else int(k)
+  if not 1 <= k <= export.k:
+    raise ValueError(f'k={k}: the student in {export.directory} decodes 1..{export.k} tokens '
+                     f'per step (k_max={export.k}).')
+  run = sharded_decoder(export.model, layout.mesh, layout.rules, 'pflm', gen_len=gen_len, k=k,
+                        freq_penalty=float(penalty), eos_id=eos_id)
+  return Decoder(f'pflm_k{k}', 'pflm', k, {'tau': 1.0, 'freq_penalty': float(penalty)},
+                 lambda prompts, key: run(export.params, prompts, key, 1.0))
+
+
+def complete(dec: Decoder, tokenizer, prompts: list[str], key) -> list[str]:
+  """Text in, text out: every prompt tokenized, decoded by `dec`, detokenized up to EOS.
+
+  Prompts are cut to the shortest one's length (one compiled shape)."""
+  encoded = [tokenizer.encode(p) for p in prompts]
+  plen = min(len(e) for e in encoded)
+  if plen < dec.k:
+    raise ValueError(f'the shortest prompt has {plen} tokens; {dec.name} decoding feeds the '
+                     f'last {dec.k} prompt tokens in its first step: use longer prompts.')
+  out = to_host(dec(np.asarray([e[:plen] for e in encoded], np.int32), key))
+  return [tokenizer.decode([t for t in row if t != tokenizer.mask_id]) for row in out]
 
 
 def to_host(x) -> np.ndarray:

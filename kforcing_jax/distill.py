@@ -1,9 +1,9 @@
 """Progressive self-forcing distillation: AR teacher -> k=1 -> k=2 -> k=4 (METHOD.md s.4).
 
-`python -m kforcing_jax.distill --config=... --workdir=... [--stage=K]` runs every stage of
-`config.distill.stages` (or one), each initialised from the previous stage's params (stage 1
-from the AR teacher), each resumable, each writing <workdir>/student_k{K}/ with checkpoints/,
-params/, metrics.jsonl and eval.json.
+`run(config, workdir, only_stage=None)` runs every stage of `config.distill.stages` (or one),
+each initialised from the previous stage's params (stage 1 from the AR teacher), each
+resumable, each writing its stage directory (rundir.stage_dir) with checkpoints/, params/,
+metrics.jsonl, TensorBoard events, config.json and eval.json.
 
 Stage targets (never from data):
   k = 1   inverse-CDF token of the AR teacher at window t for u_{t,1} (the AR decoder's token);
@@ -12,55 +12,17 @@ Stage targets (never from data):
           all windows at once by one "double forward" (a window stream of width 2m).
 """
 
-import json
-import os
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
-from kforcing_jax import checkpoints, cli, distributed, loop, progress, sampling, sharding, train
-from kforcing_jax import train_state
-from kforcing_jax.models import FunctionalModel, backbone_config
-
-_STAGE = flags.DEFINE_integer('stage', None, 'Run only the stage with this k.')
-
-
-# ----------------------------------------------------------------------------- models
-
-def student_model(config, k: int) -> FunctionalModel:
-  return FunctionalModel(backbone_config(config.model), 'pflm', k_max=k)
-
-
-def init_student_from(source_params: dict, student_params: dict, source_kind: str,
-                      log=print) -> dict:
-  """Copy every backbone/head weight (and, from a student, the noise encoder) into
-  freshly initialised student params. A shape mismatch names the tensor and stops."""
-  source = {'backbone': source_params} if source_kind == 'ar' else source_params
-  src_flat = dict(jax.tree_util.tree_leaves_with_path(source))
-  copied, created = [], []
-
-  def take(path, fresh):
-    name = jax.tree_util.keystr(path)
-    if path not in src_flat:
-      if path[0].key == 'noise_encoder' and source_kind == 'ar':
-        created.append(name)  # the only new part of a student initialised from the teacher
-        return fresh
-      raise ValueError(f'teacher has no tensor {name}: not the same architecture.')
-    src = src_flat[path]
-    if src.shape != fresh.shape:
-      raise ValueError(f'teacher tensor {name} has shape {src.shape} but the student needs '
-                       f'{fresh.shape}: the teacher config (vocab, d_model, layers, heads) '
-                       'does not match this config.')
-    copied.append(name)
-    return jnp.copy(src)  # a copy: the student's state is donated, the teacher's is not
-
-  out = jax.tree_util.tree_map_with_path(take, student_params)
-  log(f'student init from {source_kind}: copied {len(copied)} tensors, created '
-      f'{len(created)} new: {", ".join(created) or "none"}')
-  return out
+from kforcing_jax import checkpoints, data, distributed, loop, models, progress, provenance
+from kforcing_jax import rundir, sampling, sharding, train_state
+from kforcing_jax.models import FunctionalModel
+from kforcing_jax.models.student import init_from
 
 
 # ----------------------------------------------------------------------------- targets
@@ -181,6 +143,9 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
 
 # ----------------------------------------------------------------------------- stages
 
+NOISE_KEYS = {'u': 3, 'tau': 1, 'r': 3}  # stage noise arrays and their ranks
+
+
 def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc):
   """Host-side noises for one global batch: u (B, N, k), tau (B,), r (B, N, k).
 
@@ -205,118 +170,80 @@ def validate_schedule(stages) -> list[tuple[int, int]]:
   return stages
 
 
-def stage_dir(workdir: str, k: int) -> str:
-  return os.path.join(workdir, f'student_k{k}')
+def stage_seq_len(config) -> int:
+  n = config.distill.seq_len or config.data.seq_len
+  if n > config.data.seq_len:
+    raise ValueError(f'distill.seq_len={n} exceeds data.seq_len={config.data.seq_len}.')
+  return n
 
 
-class Stage:
-  """Everything one stage needs: models, frozen teacher params, jitted step and evaluation."""
-
-  def __init__(self, exp: train.Experiment, workdir: str, k: int, steps: int, prev_k: int | None):
-    config = exp.config
-    self.exp, self.k, self.steps = exp, k, steps
-    self.dc = config.distill
-    if self.dc.data_weight > 0 and self.dc.microbatches > 1:
-      # microbatches are weighted by the main term's window count; the data term averages over
-      # its own (different) count, so accumulation would not equal the full-batch update
-      raise ValueError(f'distill.data_weight={self.dc.data_weight} with distill.microbatches='
-                       f'{self.dc.microbatches} is not supported: set microbatches=1 (with '
-                       'model.remat to save memory) or data_weight=0.')
-    self.dir = stage_dir(workdir, k)
-    self.student = student_model(config, k)
-    self.ar = train.teacher_model(config)
-    self.teacher = self.ar if prev_k is None else student_model(config, prev_k)
-    teacher_dir = (os.path.join(workdir, 'teacher', 'params') if prev_k is None
-                   else os.path.join(stage_dir(workdir, prev_k), 'params'))
-    if not checkpoints.has_params(teacher_dir):
-      raise FileNotFoundError(f'stage k={k} needs its teacher at {teacher_dir}; run the '
-                              'teacher / previous stage first (python -m kforcing_jax.train, '
-                              'or distill without --stage).')
-    mesh, rules = exp.mesh, exp.rules
-    self.teacher_params, _ = checkpoints.import_params(
-        teacher_dir, checkpoints.abstract_like(
-            self.teacher.param_shapes, train_state.param_shardings(self.teacher, mesh, rules)))
-    # the AR teacher: the baseline of every stage's evaluation and the noise-inversion term;
-    # stage 1's teacher already is it
-    if prev_k is None:
-      self.ar_params = self.teacher_params
-    else:
-      self.ar_params, _ = checkpoints.import_params(
-          os.path.join(workdir, 'teacher', 'params'), checkpoints.abstract_like(
-              self.ar.param_shapes, train_state.param_shardings(self.ar, mesh, rules)))
-    self.uses_data_term = self.dc.data_weight > 0
-
-  def _batch_fn(self, split, batch_size, shuffle, seed_offset):
-    tokens_at = self.exp.batch_fn(split, batch_size, shuffle)
-    n = self.dc.seq_len or self.exp.config.data.seq_len
-    if n > self.exp.config.data.seq_len:
-      raise ValueError(f'distill.seq_len={n} exceeds data.seq_len='
-                       f'{self.exp.config.data.seq_len}.')
-    block, blocks = distributed.local_batch_rows(self.exp.mesh, self.exp.rules, batch_size)
-    rows = slice(block * batch_size // blocks, (block + 1) * batch_size // blocks)
-
-    def batch_at(step):
-      noise = stage_noise(self.exp.config.seed + seed_offset, step, batch_size, n, self.k,
-                          self.dc)
-      local = {key: v[rows] for key, v in noise.items()}
-      batch = {key: v[:, :n] for key, v in tokens_at(step).items()}
-      return dict(batch, **sharding.global_batch(local, self.exp.mesh, self.exp.rules))
-    return batch_at
-
-  def run(self) -> dict:
-    exp, dc = self.exp, self.dc
-    mesh, rules = exp.mesh, exp.rules
-    optimizer = train_state.make_optimizer(dc, self.steps)
-    abstract = train_state.abstract_train_state(self.student, optimizer, mesh, rules)
-    fresh = jax.jit(self.student.init)
-    source_kind = self.teacher.kind
-    teacher_params = self.teacher_params
-
-    def init_params(rng):
-      log = print if progress.is_main_process() else (lambda msg: None)
-      return init_student_from(teacher_params, fresh(rng), source_kind, log=log)
-
-    init = train_state.make_init_state(self.student, optimizer, abstract)
-    batch_sh = {key: sharding.batch_sharding(mesh, nd, rules)
-                for key, nd in (('tokens', 2), ('mask', 2), ('u', 3), ('tau', 1), ('r', 3))}
-    t_sh = train_state.param_shardings(self.teacher, mesh, rules)
-    ar_sh = train_state.param_shardings(self.ar, mesh, rules) if self.uses_data_term else None
-    step_ar_params = self.ar_params if self.uses_data_term else None
-    student, teacher, ar = self.student, self.teacher, self.ar
-    step_fn = train_state.make_train_step(
-        lambda p, b, tp, ap: distill_loss(student, teacher, dc, p, b, tp, (ar, ap)),
-        optimizer, abstract, batch_sh, mesh, rules, extra_args_shardings=(t_sh, ar_sh),
-        microbatches=dc.microbatches, weight_key='windows')
-    rng = jax.random.key(exp.config.seed + 1000 * self.k)
-
-    def init_state():
-      state = init(rng)
-      state['params'] = jax.device_put(init_params(rng),
-                                       train_state.shardings_of(abstract)['params'])
-      return state
-
-    val_batches = [self._batch_fn('validation', dc.batch_size, False, 10_000)(i)
-                   for i in range(dc.eval_batches)]
-    evaluate = make_stage_eval(self, val_batches)
-    state, metrics = loop.run(loop.Loop(
-        name=f'distill k={self.k}', workdir=self.dir, total_steps=self.steps,
-        init_state=init_state, abstract_state=abstract,
-        train_step=lambda s, b: step_fn(s, b, self.teacher_params, step_ar_params),
-        batch_at=self._batch_fn('train', dc.batch_size, True, 0), evaluate=evaluate,
-        log_every=dc.log_every, eval_every=dc.eval_every,
-        checkpoint_every=dc.checkpoint_every, keep_checkpoints=dc.keep_checkpoints,
-        meta={'kind': 'pflm', 'k': self.k}))
-    checkpoints.export_params(os.path.join(self.dir, 'params'), state['params'],
-                              {'kind': 'pflm', 'k': self.k, 'steps': self.steps})
-    return metrics
+def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
+                  steps: int | None = None) -> train_state.Program:
+  """The jitted step of stage k (teacher: the AR model when prev_k is None, else the stage
+  prev_k student) on `layout`: step(state, batch, teacher_params, ar_params or None)."""
+  dc = config.distill
+  if dc.data_weight > 0 and dc.microbatches > 1:
+    # microbatches are weighted by the main term's window count; the data term averages over
+    # its own (different) count, so accumulation would not equal the full-batch update
+    raise ValueError(f'distill.data_weight={dc.data_weight} with distill.microbatches='
+                     f'{dc.microbatches} is not supported: set microbatches=1 (with '
+                     'model.remat to save memory) or data_weight=0.')
+  steps = dict(validate_schedule(dc.stages))[k] if steps is None else steps
+  student, ar = models.student(config, k), models.teacher(config)
+  teacher = ar if prev_k is None else models.student(config, prev_k)
+  optimizer = train_state.make_optimizer(dc, steps)
+  abstract = train_state.abstract_train_state(student, optimizer, layout.mesh, layout.rules)
+  b, n = dc.batch_size, stage_seq_len(config)
+  batch = layout.abstract_batch({'tokens': ((b, n), jnp.int32), 'mask': ((b, n), jnp.float32),
+                                 'u': ((b, n, k), jnp.float32), 'tau': ((b,), jnp.float32),
+                                 'r': ((b, n, k), jnp.float32)})
+  extra = (layout.abstract_params(teacher),
+           layout.abstract_params(ar) if dc.data_weight > 0 else None)
+  step = train_state.make_train_step(
+      lambda p, x, tp, ap: distill_loss(student, teacher, dc, p, x, tp, (ar, ap)),
+      optimizer, abstract, {name: x.sharding for name, x in batch.items()}, layout.mesh,
+      layout.rules, extra_args_shardings=jax.tree.map(lambda x: x.sharding, extra),
+      microbatches=dc.microbatches, weight_key='windows')
+  return train_state.Program(student, optimizer, abstract, batch, extra, step)
 
 
-def make_stage_eval(stage: Stage, batches):
+def stage_batches(config, layout: sharding.Layout, k: int, split: str, shuffle: bool,
+                  seed_offset: int, tokenizer=None):
+  """step -> the stage's global batch: token rows cut to the stage length plus the noises."""
+  dc = config.distill
+  n = stage_seq_len(config)
+  tokens_at = data.global_batches(config, layout, split, dc.batch_size, shuffle, tokenizer)
+  block, blocks = distributed.local_batch_rows(layout.mesh, layout.rules, dc.batch_size)
+  rows = slice(block * dc.batch_size // blocks, (block + 1) * dc.batch_size // blocks)
+
+  def batch_at(step):
+    noise = stage_noise(config.seed + seed_offset, step, dc.batch_size, n, k, dc)
+    batch = {key: v[:, :n] for key, v in tokens_at(step).items()}
+    return dict(batch, **layout.global_batch({key: v[rows] for key, v in noise.items()}))
+  return batch_at
+
+
+@dataclasses.dataclass(frozen=True)
+class Teachers:
+  """A stage's frozen models: its teacher (the AR model or the previous stage) and the AR
+  model (the baseline of the stage evaluation and the noise-inversion term)."""
+  teacher: rundir.Export
+  ar: rundir.Export
+
+
+def load_teachers(config, workdir: str, layout: sharding.Layout, prev_k: int | None) -> Teachers:
+  ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config)
+  if prev_k is None:
+    return Teachers(ar, ar)
+  return Teachers(rundir.load_export(rundir.stage_dir(workdir, prev_k), layout, kind='pflm',
+                                     config=config), ar)
+
+
+def make_stage_eval(student: FunctionalModel, teachers: Teachers, k: int, batches):
   """acc_i / acc_total of the student against the stage teacher on held-out windows, and
   the ignore-the-noise baseline: k=1 -> E[max p] of the teacher; k>1 -> agreement of the
   teacher rollout with the AR teacher's greedy continuation."""
-  student, teacher, ar, k = stage.student, stage.teacher, stage.ar, stage.k
-  ar_params = stage.ar_params
+  teacher, ar = teachers.teacher.model, teachers.ar.model
 
   @jax.jit
   def counts(params, teacher_params, ar_params, batch):
@@ -337,7 +264,7 @@ def make_stage_eval(stage: Stage, batches):
     acc, total, base, n = np.zeros(k), 0.0, 0.0, 0.0
     for batch in batches:
       c_i, c_tot, c_base, c_n = jax.device_get(
-          counts(state['params'], stage.teacher_params, ar_params, batch))
+          counts(state['params'], teachers.teacher.params, teachers.ar.params, batch))
       acc, total, base, n = acc + c_i, total + c_tot, base + c_base, n + c_n
     n = max(n, 1.0)
     out = {f'acc_{i + 1}': float(acc[i] / n) for i in range(k)}
@@ -347,24 +274,63 @@ def make_stage_eval(stage: Stage, batches):
   return evaluate
 
 
+def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
+              prev_k: int | None, tokenizer=None) -> dict:
+  """Train (or resume) stage k and export it; returns its final validation metrics."""
+  dc = config.distill
+  teachers = load_teachers(config, workdir, layout, prev_k)
+  program = stage_program(config, layout, k, prev_k, steps)
+  student = program.model
+  init = train_state.make_init_state(student, program.optimizer, program.abstract_state)
+  fresh = jax.jit(student.init)
+  rng = jax.random.key(config.seed + 1000 * k)
+
+  def init_state():
+    state = init(rng)
+    params, created = init_from(teachers.teacher.params, fresh(rng), teachers.teacher.kind)
+    progress.log(f'student init from {teachers.teacher.kind}: kept {len(created)} fresh '
+                 f'tensors: {", ".join(created) or "none"}')
+    state['params'] = jax.device_put(params, train_state.shardings_of(program.abstract_state)
+                                     ['params'])
+    return state
+
+  ar_params = teachers.ar.params if dc.data_weight > 0 else None
+  val_at = stage_batches(config, layout, k, 'validation', False, 10_000, tokenizer)
+  out_dir = rundir.stage_dir(workdir, k)
+  state, metrics = loop.run(loop.Loop(
+      name=f'distill k={k}', workdir=out_dir, total_steps=steps,
+      init_state=init_state, abstract_state=program.abstract_state,
+      train_step=lambda s, b: program.step(s, b, teachers.teacher.params, ar_params),
+      batch_at=stage_batches(config, layout, k, 'train', True, 0, tokenizer),
+      evaluate=make_stage_eval(student, teachers, k, [val_at(i) for i in range(dc.eval_batches)]),
+      log_every=dc.log_every, eval_every=dc.eval_every,
+      checkpoint_every=dc.checkpoint_every, keep_checkpoints=dc.keep_checkpoints,
+      meta={'kind': 'pflm', 'k': k}, config_record=provenance.run_record(config),
+      profile_steps=dc.profile_steps))
+  checkpoints.export_params(rundir.params_dir(out_dir), state['params'],
+                            {'kind': 'pflm', 'k': k, 'steps': steps})
+  return metrics
+
+
 def run(config, workdir: str, only_stage: int | None = None) -> dict:
   """Runs every stage (skipping finished ones) or just `only_stage`. Returns {k: eval}."""
   stages = validate_schedule(config.distill.stages)
   if only_stage is not None and only_stage not in [k for k, _ in stages]:
     raise ValueError(f'--stage={only_stage} is not in distill.stages={stages}.')
-  exp = train.Experiment(config)
+  layout = sharding.layout_from_config(config)
+  tokenizer = data.load_tokenizer(config)
+  data.check_vocab(config, tokenizer)
   results, prev_k = {}, None
   for k, steps in stages:
-    out_path = os.path.join(stage_dir(workdir, k), 'eval.json')
-    if (only_stage is None or only_stage == k):
-      if os.path.exists(out_path) and only_stage is None:
-        with open(out_path) as f:
-          results[k] = json.load(f)
-        if progress.is_main_process():
-          print(f'[distill k={k}] already done ({out_path}); skipping', flush=True)
+    out_path = rundir.eval_path(rundir.stage_dir(workdir, k))
+    if only_stage is None or only_stage == k:
+      done = progress.read_json(out_path) if only_stage is None else None
+      if done is not None:
+        results[k] = done
+        progress.log(f'[distill k={k}] already done ({out_path}); skipping')
       else:
         t0 = time.time()
-        metrics = Stage(exp, workdir, k, steps, prev_k).run()
+        metrics = run_stage(config, workdir, layout, k, steps, prev_k, tokenizer)
         results[k] = {'k': k, 'acc': [metrics[f'acc_{i + 1}'] for i in range(k)],
                       'acc_total': metrics['acc_total'],
                       'baseline_acc_total': metrics['baseline_acc_total'],
@@ -372,22 +338,9 @@ def run(config, workdir: str, only_stage: int | None = None) -> dict:
                       'tau_range': list(config.distill.tau_range),
                       'data_weight': config.distill.data_weight,
                       'seconds': time.time() - t0}
-        if progress.is_main_process():
-          with open(out_path, 'w') as f:
-            json.dump(results[k], f, indent=2)
-          print(f'[distill k={k}] acc_total {results[k]["acc_total"]:.4f} vs ignore-the-noise '
-                f'baseline {results[k]["baseline_acc_total"]:.4f} -> {out_path}', flush=True)
+        progress.write_json(out_path, results[k])
+        progress.log(f'[distill k={k}] acc_total {results[k]["acc_total"]:.4f} vs '
+                     f'ignore-the-noise baseline {results[k]["baseline_acc_total"]:.4f} -> '
+                     f'{out_path}')
     prev_k = k
   return results
-
-
-def main(argv):
-  del argv
-  cli.quiet_libraries()
-  distributed.initialize()
-  run(cli.CONFIG.value, cli.WORKDIR.value, _STAGE.value)
-
-
-if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  cli.run(main)

@@ -1,6 +1,7 @@
 """Multi-host start-up and the few things every host must agree on.
 
-Every absl main calls `initialize()` before any other JAX call. Single-host runs are
+Every absl main calls `initialize(...)` (through `cli.main` / `cli.start`, which own the flags)
+before any other JAX call. Single-host runs are
 unaffected. Three ways in:
   - explicit: --coordinator_address/--num_processes/--process_id (GPU nodes, local tests);
   - KFORCING_DISTRIBUTED=1 (launch/tpu_pod.sh sets it on every worker): JAX discovers the
@@ -24,15 +25,9 @@ import os
 from typing import Callable, TypeVar
 
 import jax
-from absl import flags
 from jax.experimental import multihost_utils
 
 from kforcing_jax import sharding
-
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for multi-process runs.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total processes (multi-host).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
 
 _initialized = False
 T = TypeVar('T')
@@ -45,20 +40,22 @@ def _auto_detect_cluster() -> bool:
   return len([h for h in hosts.split(',') if h]) > 1
 
 
-def initialize() -> None:
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Join the cluster (explicit coordinator, or auto-detected); a no-op on one host and on
+  the second call."""
   global _initialized
   if _initialized:
     return
-  if _COORDINATOR.value:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+  if coordinator_address:
+    if num_processes is None or process_id is None:
       raise ValueError('--coordinator_address needs --num_processes and --process_id too '
                        '(the same --num_processes everywhere, --process_id 0..N-1 per process).')
-    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-      raise ValueError(f'--process_id={_PROCESS_ID.value} is outside [0, '
-                       f'--num_processes={_NUM_PROCESSES.value}).')
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} is outside [0, '
+                       f'--num_processes={num_processes}).')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
   elif _auto_detect_cluster():
     jax.distributed.initialize()
   _initialized = True

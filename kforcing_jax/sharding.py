@@ -7,6 +7,7 @@ edit, never a code edit. A single CPU is simply a 1x1x1 mesh running the same co
 """
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -154,3 +155,41 @@ def global_batch(local: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
 
 def mesh_from_config(config) -> Mesh:
   return make_mesh(tuple(config.mesh_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A mesh and the rules table that maps logical axis names onto it: everything a jitted
+  function needs to place parameters, batches and activations."""
+  mesh: Mesh
+  rules: tuple = DEFAULT_RULES
+
+  def param_shardings(self, model) -> Any:
+    """NamedShardings of `model`'s parameters (a models.FunctionalModel)."""
+    return tree_shardings(model.logical_axes, model.param_shapes, self.mesh, self.rules)
+
+  def abstract_params(self, model) -> Any:
+    """ShapeDtypeStructs of `model`'s parameters with their shardings: a restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        model.param_shapes, self.param_shardings(model))
+
+  def batch(self, ndim: int) -> NamedSharding:
+    return batch_sharding(self.mesh, ndim, self.rules)
+
+  def abstract_batch(self, shapes: dict) -> dict:
+    """{name: (shape, dtype)} -> batch-sharded ShapeDtypeStructs."""
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch(len(shape)))
+            for name, (shape, dtype) in shapes.items()}
+
+  def global_batch(self, local: dict) -> dict:
+    return global_batch(local, self.mesh, self.rules)
+
+
+def layout_from_config(config) -> Layout:
+  """The config's mesh (config.mesh_shape over all devices) and rules (config.sharding_rules)."""
+  return Layout(mesh_from_config(config), tuple(tuple(r) for r in config.sharding_rules))
+
+
+def single_device_layout(device=None) -> Layout:
+  """A 1x1x1 mesh on one device (default: this process's first) with the default rules."""
+  return Layout(make_mesh((1, 1, 1), [device or jax.local_devices()[0]]), DEFAULT_RULES)

@@ -3,6 +3,7 @@
 Shared by teacher training and every distillation stage: only the loss differs.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -132,3 +133,20 @@ def accumulated_value_and_grad(loss_fn, params, batch, extra, microbatches: int,
   mean = lambda x: jnp.sum(weights * x) / total  # noqa: E731
   metrics = {name: (v.sum() if name == weight_key else mean(v)) for name, v in metrics.items()}
   return mean(losses), metrics, grads
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One training phase's step, built once and shared by its run, launch/compile_tpu and the
+  tests: `step(state, batch, *extra)` is jitted with the shardings of `abstract_state`,
+  `abstract_batch` and `abstract_extra` (read-only inputs such as a frozen teacher's params)."""
+  model: FunctionalModel
+  optimizer: optax.GradientTransformation
+  abstract_state: Any
+  abstract_batch: dict
+  abstract_extra: tuple
+  step: Callable
+
+  def lower(self):
+    """The step lowered for its abstract inputs (compile it for memory and cost analysis)."""
+    return self.step.lower(self.abstract_state, self.abstract_batch, *self.abstract_extra)

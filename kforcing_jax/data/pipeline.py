@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from kforcing_jax import distributed
 from kforcing_jax.data import documents
 from kforcing_jax.data import tokenizers as tokenizers_lib
 
@@ -209,3 +210,13 @@ def unigram_perplexity(config: ml_collections.ConfigDict, train_split: str = 'tr
     total_log_prob += float(log_probs[targets].sum())
     num_targets += targets.size
   return math.exp(-total_log_prob / num_targets)
+
+
+def global_batches(config: ml_collections.ConfigDict, layout, split: str, batch_size: int,
+                   shuffle: bool, tokenizer: tokenizers_lib.Tokenizer | None = None):
+  """step -> the global batch {'tokens', 'mask'} of `split` on `layout` (a sharding.Layout):
+  each process reads only the rows its own devices hold (distributed.local_batch_rows)."""
+  block, blocks = distributed.local_batch_rows(layout.mesh, layout.rules, batch_size)
+  source = make_batch_source(config, split, batch_size, shuffle=shuffle, process_index=block,
+                             process_count=blocks, tokenizer=tokenizer)
+  return lambda step: layout.global_batch(source.batch(step))

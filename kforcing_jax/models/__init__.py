@@ -1,8 +1,11 @@
-"""Models as (graphdef, parameter pytree) pairs.
+"""Models as (graphdef, parameter pytree) pairs, and the one place that builds them.
 
 `FunctionalModel` splits an NNX module once. Everything downstream (training steps, decode
 loops, checkpoints) handles a plain nested dict of arrays, and rebuilds the module inside jit
 with `module(params)`, which costs nothing at run time.
+
+Factories: `teacher(config)` (the AR model, kind 'ar', k_max 1), `student(config, k)` (a PFLM
+with k_max = k) and `from_shapes(shapes, ...)` (the architecture of a stored export).
 """
 
 import dataclasses
@@ -73,3 +76,80 @@ class FunctionalModel:
 
   def num_params(self) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes))
+
+
+def teacher(config) -> FunctionalModel:
+  """The AR teacher of a config (its `model` block)."""
+  return FunctionalModel(backbone_config(config.model), 'ar')
+
+
+def student(config, k: int) -> FunctionalModel:
+  """The push-forward student of a config that decodes up to k tokens per step."""
+  return FunctionalModel(backbone_config(config.model), 'pflm', k_max=k)
+
+
+def kind_of_shapes(shapes: dict) -> str | None:
+  """'ar' or 'pflm' from a parameter tree's top-level names, None for neither."""
+  if 'backbone' in shapes and 'noise_encoder' in shapes:
+    return 'pflm'
+  if 'embed' in shapes and 'blocks' in shapes:
+    return 'ar'
+  return None
+
+
+def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int,
+                       dtype: str = 'float32') -> BackboneConfig:
+  """The backbone architecture of a stored AR parameter tree (or a student's 'backbone').
+
+  vocab_size / mask_id are the tokenizer's (the stored embedding may have padding rows)."""
+  try:
+    rows, d_model = shapes['embed']
+    blocks = shapes['blocks']
+    _, _, heads, _ = blocks['0']['qkv']
+    mlp = blocks['0']['mlp_in'][1]
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'not a backbone parameter tree of this project (missing or odd tensor '
+                     f'{e}).') from e
+  if rows < vocab_size:
+    raise ValueError(f'the stored model has a {rows}-token vocabulary but the tokenizer has '
+                     f'{vocab_size} ids: it was trained with another tokenizer.')
+  return BackboneConfig(vocab_size=rows, num_real_tokens=vocab_size, mask_id=mask_id,
+                        d_model=d_model, num_layers=len(blocks), num_heads=heads,
+                        mlp_ratio=mlp // d_model, dtype=dtype)
+
+
+def from_shapes(shapes: dict, *, vocab_size: int, mask_id: int, dtype: str = 'float32',
+                k_max: int = 1) -> FunctionalModel:
+  """The model whose parameters have exactly `shapes` (an AR or a PFLM tree)."""
+  kind = kind_of_shapes(shapes)
+  if kind is None:
+    raise ValueError(f'not a model of this project: top-level tensors {sorted(shapes)}.')
+  backbone = shapes['backbone'] if kind == 'pflm' else shapes
+  model = FunctionalModel(config_from_shapes(backbone, vocab_size, mask_id, dtype), kind,
+                          k_max=k_max)
+  difference = shape_difference(model.param_shapes, shapes)
+  if difference:
+    raise ValueError(f'the stored tensors do not form a {kind} model of this project: '
+                     f'{difference}.')
+  return model
+
+
+def flat_shapes(tree) -> dict:
+  """{'blocks/0/qkv': shape, ...}: list indices and string keys compare equal."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, tuple) or hasattr(x, 'shape'))
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
+          tuple(getattr(leaf, 'shape', leaf)) for path, leaf in leaves}
+
+
+def shape_difference(expected, stored) -> str | None:
+  """A sentence naming the first tensor that differs between two shape trees, or None."""
+  want, have = flat_shapes(expected), flat_shapes(stored)
+  for name in sorted(set(want) | set(have)):
+    if name not in have:
+      return f'tensor {name} {want[name]} is missing'
+    if name not in want:
+      return f'unexpected tensor {name} {have[name]}'
+    if want[name] != have[name]:
+      return f'tensor {name} has shape {have[name]}, expected {want[name]}'
+  return None

@@ -87,3 +87,28 @@ class PushForwardLM(nnx.Module):
     x, (ck, cv) = self.backbone.context_layer(layer, x, positions)
     hints, _ = self.backbone.window_layer(layer, hints, hint_positions, ck, cv, ctx_len)
     return x, hints, (ck, cv)
+
+
+def init_from(source_params: dict, fresh_params: dict, source_kind: str) -> tuple[dict, list]:
+  """Student params from a teacher: every backbone/head weight (and, from a student, the noise
+  encoder) copied into `fresh_params`, a freshly initialised student tree. Returns (params,
+  names of the tensors kept fresh). A missing or mis-shaped tensor names itself and stops."""
+  source = {'backbone': source_params} if source_kind == 'ar' else source_params
+  src_flat = dict(jax.tree_util.tree_leaves_with_path(source))
+  created = []
+
+  def take(path, fresh):
+    name = jax.tree_util.keystr(path)
+    if path not in src_flat:
+      if path[0].key == 'noise_encoder' and source_kind == 'ar':
+        created.append(name)  # the only new part of a student initialised from the teacher
+        return fresh
+      raise ValueError(f'teacher has no tensor {name}: not the same architecture.')
+    src = src_flat[path]
+    if src.shape != fresh.shape:
+      raise ValueError(f'teacher tensor {name} has shape {src.shape} but the student needs '
+                       f'{fresh.shape}: the teacher config (vocab, d_model, layers, heads) '
+                       'does not match this config.')
+    return jnp.copy(src)  # a copy: the student's state is donated, the teacher's is not
+
+  return jax.tree_util.tree_map_with_path(take, fresh_params), created

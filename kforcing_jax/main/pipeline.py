@@ -1,0 +1,28 @@
+"""The main job (`make demo`): prepare data -> train the teacher -> distill 1 -> 2 -> 4 ->
+evaluate. `python -m kforcing_jax.main.pipeline --config=configs/<name>.py --workdir=DIR`.
+
+Every part skips itself when its outputs exist and resumes from its newest checkpoint
+otherwise, so re-running the command continues where it stopped."""
+
+import time
+
+from kforcing_jax import cli, data, distill, distributed, evaluate, progress, rundir, teacher
+
+
+def pipeline(config, workdir: str) -> None:
+  t0 = time.time()
+  progress.log('\n=== 1/4 prepare data ===')
+  distributed.main_process_first('prepare data', lambda: data.prepare(config))
+  progress.log('\n=== 2/4 train the AR teacher ===')
+  teacher.run(config, workdir)
+  progress.log('\n=== 3/4 distill ' + ' -> '.join(f'k={k}' for k, _ in config.distill.stages)
+               + ' ===')
+  distill.run(config, workdir)
+  progress.log('\n=== 4/4 evaluate ===')
+  evaluate.run(config, workdir)
+  progress.log(f'\n=== done in {progress.format_duration(time.time() - t0)}: see '
+               f'{rundir.report_dir(workdir)}/REPORT.md ===')
+
+
+if __name__ == '__main__':
+  cli.main(pipeline)

@@ -1,0 +1,175 @@
+"""The run directory: the one module that knows where a run keeps what, and loads its models.
+
+    <workdir>/teacher/         the AR teacher: checkpoints/, params/, metrics.jsonl, eval.json,
+                               config.json, TensorBoard events
+    <workdir>/student_k{K}/    the distillation stage with window k = K (same files)
+    <workdir>/report/          evaluate's results.json, REPORT.md and plots
+
+A *model directory* is teacher/ or one student_k{K}/; its params/ is a params-only export.
+`load_export` is the one loader every tool uses: the architecture comes from the stored
+shapes (or from the config, when one is given, and is then checked against them), the
+vocabulary is checked against the tokenizer, and the parameters land on the layout's shardings.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+from etils import epath
+
+from kforcing_jax import checkpoints, models, sharding
+
+TEACHER = 'teacher'
+STUDENT_PREFIX = 'student_k'
+_STUDENT_NAME = re.compile(rf'^{STUDENT_PREFIX}([1-9][0-9]*)$')
+
+
+def _join(*parts) -> str:
+  return str(epath.Path(parts[0]).joinpath(*parts[1:]))
+
+
+def teacher_dir(workdir: str) -> str:
+  return _join(workdir, TEACHER)
+
+
+def stage_dir(workdir: str, k: int) -> str:
+  return _join(workdir, f'{STUDENT_PREFIX}{int(k)}')
+
+
+def model_dir(workdir: str, kind: str, k: int | None = None) -> str:
+  """teacher/ for kind 'ar'; student_k{k}/ for kind 'pflm' (the widest stage when k is None)."""
+  if kind == 'ar':
+    return teacher_dir(workdir)
+  if kind != 'pflm':
+    raise ValueError(f'unknown model kind {kind!r}; expected "ar" or "pflm".')
+  if k is None:
+    stages = student_stages(workdir)
+    if not stages:
+      raise FileNotFoundError(f'{workdir} has no student export ({STUDENT_PREFIX}<K>/params).')
+    k = stages[-1]
+  return stage_dir(workdir, k)
+
+
+def params_dir(directory: str) -> str:
+  return _join(directory, 'params')
+
+
+def eval_path(directory: str) -> str:
+  return _join(directory, 'eval.json')
+
+
+def report_dir(workdir: str) -> str:
+  return _join(workdir, 'report')
+
+
+def stage_k(directory: str) -> int | None:
+  """K of a student_k{K} directory, None for any other name."""
+  match = _STUDENT_NAME.match(epath.Path(directory).name)
+  return int(match.group(1)) if match else None
+
+
+def student_stages(workdir: str) -> list[int]:
+  """k of every exported student stage in `workdir` (student_k{k}/params), ascending."""
+  root = epath.Path(workdir)
+  if not root.is_dir():
+    return []
+  ks = [stage_k(str(p)) for p in root.iterdir()]
+  return sorted(k for k in ks if k is not None
+                and checkpoints.has_params(params_dir(stage_dir(workdir, k))))
+
+
+def exports(workdir: str) -> list[str]:
+  """Model directories of `workdir` with a params export: the teacher, then every stage."""
+  out = [teacher_dir(workdir)] if checkpoints.has_params(params_dir(teacher_dir(workdir))) else []
+  return out + [stage_dir(workdir, k) for k in student_stages(workdir)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+  """A loaded model: architecture, parameters (on a layout) and the meta saved with them."""
+  model: models.FunctionalModel
+  params: Any
+  meta: dict
+  directory: str
+
+  @property
+  def kind(self) -> str:
+    return self.model.kind
+
+  @property
+  def k(self) -> int:
+    """The widest window the model decodes (1 for the AR teacher)."""
+    return self.model.k_max
+
+  @property
+  def name(self) -> str:
+    return 'ar' if self.kind == 'ar' else f'pflm_k{self.k}'
+
+
+def _vocabulary(tokenizer, meta: dict, where: str) -> tuple[int, int]:
+  if tokenizer is not None:
+    return tokenizer.vocab_size, tokenizer.mask_id
+  if 'vocab_size' in meta and 'mask_id' in meta:
+    return int(meta['vocab_size']), int(meta['mask_id'])
+  raise ValueError(f'{where} records no vocabulary: pass the tokenizer or the config it was '
+                   'trained with.')
+
+
+def _check_tokenizer(tokenizer, meta: dict, rows: int, where: str) -> None:
+  if rows < tokenizer.vocab_size:
+    raise ValueError(f'{where} has a {rows}-token vocabulary but the {tokenizer.name} tokenizer '
+                     f'has {tokenizer.vocab_size} ids; use the tokenizer it was trained with.')
+  # converted exports record the real vocabulary; our own training's do not
+  recorded = (meta.get('vocab_size', tokenizer.vocab_size), meta.get('mask_id', tokenizer.mask_id))
+  if recorded != (tokenizer.vocab_size, tokenizer.mask_id):
+    raise ValueError(f'{where} was made for a {recorded[0]}-token vocabulary with mask id '
+                     f'{recorded[1]}, but the {tokenizer.name} tokenizer has '
+                     f'{tokenizer.vocab_size} ids and mask id {tokenizer.mask_id}; use the '
+                     'tokenizer it was trained with.')
+
+
+def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = None,
+                config=None, tokenizer=None, dtype: str | None = None) -> Export:
+  """Load the params export of a model directory (teacher/ or student_k{K}/) onto `layout`.
+
+  kind: the kind the caller needs ('ar' / 'pflm'); a different stored kind is an error.
+  config: build the model from config.model (remat, vocabulary padding and dtype included)
+    and check the stored shapes equal it; without it the architecture comes from the shapes.
+  tokenizer: the stored vocabulary must hold its ids (and equal a recorded one).
+  dtype: compute dtype without a config (default float32).
+  """
+  where = params_dir(directory)
+  if not checkpoints.has_params(where):
+    raise FileNotFoundError(f'no exported model at {where}: train it first (`python -m '
+                            'kforcing_jax.main.pipeline`, or the train / distill commands).')
+  shapes = checkpoints.stored_shapes(where)
+  meta = checkpoints.stored_meta(where)
+  stored_kind = models.kind_of_shapes(shapes)
+  if stored_kind is None:
+    raise ValueError(f'{where} is not a model export of this project (top-level tensors '
+                     f'{sorted(shapes)}).')
+  if kind is not None and kind != stored_kind:
+    want = 'an AR model' if kind == 'ar' else 'a PFLM student'
+    raise ValueError(f'{where} holds a {stored_kind} model, but {want} is needed here.')
+  k = 1 if stored_kind == 'ar' else int(meta.get('k') or stage_k(directory) or 0)
+  if k < 1:
+    raise ValueError(f'{where} is a student export without its window k (meta or '
+                     f'{STUDENT_PREFIX}<K> directory name).')
+  backbone_shapes = shapes['backbone'] if stored_kind == 'pflm' else shapes
+  if tokenizer is not None:
+    _check_tokenizer(tokenizer, meta, backbone_shapes['embed'][0], where)
+  if config is not None:
+    model = models.teacher(config) if stored_kind == 'ar' else models.student(config, k)
+    difference = models.shape_difference(model.param_shapes, shapes)
+    if difference:
+      raise ValueError(f'{where} does not match config.model: {difference}. Use the config '
+                       'the model was trained with.')
+  else:
+    vocab_size, mask_id = _vocabulary(tokenizer, meta, where)
+    try:
+      model = models.from_shapes(shapes, vocab_size=vocab_size, mask_id=mask_id,
+                                 dtype=dtype or meta.get('dtype', 'float32'), k_max=k)
+    except ValueError as e:
+      raise ValueError(f'{where}: {e}') from e
+  params, meta = checkpoints.import_params(where, layout.abstract_params(model))
+  return Export(model, params, meta, str(directory))
