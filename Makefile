@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo test venv clean-venv compile-tpu vocab
+.PHONY: demo test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -21,10 +21,14 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: venv
-	$(PY) -m kforcing_jax.pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m kforcing_jax.main.pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# the same suite without the tests marked slow (multi-process runs, end-to-end pipelines)
+test-fast: venv
+	$(PY) -m pytest -q -m 'not slow' tests
 
 $(VENV_TPU)/.installed: requirements.txt requirements-tpu.txt
 	$(PYTHON) -m venv $(VENV_TPU)

@@ -20,8 +20,8 @@ from kforcing_jax import distributed
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
                                          '(configs/<name>.py); override fields with '
                                          '--config.train.steps=100 etc.', lock_config=True)
-WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run directory: teacher/, student_k*/, '
-                              'report/.')
+WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Run directory (its layout: '
+                              'kforcing_jax/rundir.py).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total processes (multi-host).')

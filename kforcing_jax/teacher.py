@@ -79,7 +79,7 @@ def run(config, workdir: str) -> dict:
   val_batch = data.global_batches(config, layout, 'validation', tc.batch_size, False, tokenizer)
   rng = jax.random.key(config.seed)
   state, eval_metrics = loop.run(loop.Loop(
-      name='teacher', workdir=out_dir, total_steps=tc.steps,
+      name='AR teacher', workdir=out_dir, total_steps=tc.steps,
       init_state=lambda: init(rng), abstract_state=program.abstract_state,
       train_step=program.step,
       batch_at=data.global_batches(config, layout, 'train', tc.batch_size, True, tokenizer),

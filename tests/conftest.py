@@ -34,3 +34,9 @@ def tiny_data_config(tiny_data_dir):
   config = test_tiny.get_config()
   config.data.data_dir = tiny_data_dir
   return config
+
+
+def pytest_configure(config):
+  # `make test` runs everything; `make test-fast` deselects these (-m 'not slow')
+  config.addinivalue_line('markers', 'slow: multi-process or end-to-end run (minutes); '
+                          'skipped by make test-fast, run by make test and CI')
