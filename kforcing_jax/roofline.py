@@ -18,35 +18,53 @@ model's compute dtype) and memory bandwidth (the faster of a large reduction and
 elementwise copy). A step then takes max(flops / peak, bytes / bandwidth), and the predicted
 speed-up of a k-token student over the AR teacher at batch B is
     steps_ar * t_ar(B) / (steps_k * t_k(B)),
-with steps = ceil(new tokens / decode_k). In the memory-bound regime (small B: the weights
+with steps = ceil(new tokens / k) (k = 1 for AR). In the memory-bound regime (small B: the weights
 dominate the bytes and both steps read them once) t_k ~ t_ar and the speed-up approaches k;
 in the compute-bound regime the k-token step processes 2k slots (k tokens + k hints) to emit
 k tokens, so per token it costs ~2x the AR step (less the shared output-head work) and the
 speed-up falls below 1. METHOD.md s.5.
+
+`analyse` puts it together for evaluate: device peaks, each decoder's step costs, predicted vs
+measured speed-ups per batch and the crossover batch. `memory_of` / `flops_of` read a compiled
+program's memory and cost analysis (the one peak-memory formula; launch/compile_tpu.py).
 """
 
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import decode, sampling
+from kforcing_jax import decode, progress, sampling
 from kforcing_jax.models import FunctionalModel
+from kforcing_jax.timing import best_seconds, decode_steps
+
+
+# ----------------------------------------------------------------------------- compiled programs
+
+def _cost_dict(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def flops_of(compiled) -> float:
+  """FLOPs of a compiled program by XLA's cost analysis (a while_loop body counted once)."""
+  return float(_cost_dict(compiled).get('flops', 0.0))
+
+
+def memory_of(compiled) -> dict:
+  """XLA's per-device memory analysis in bytes, plus the one peak formula: arguments + outputs
+  - aliased (donated) outputs + temporaries + generated code (an upper bound of what the
+  program holds at once)."""
+  m = compiled.memory_analysis()
+  out = {name: int(getattr(m, f'{name}_size_in_bytes')) for name in
+         ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  out['peak'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
+                 + out['generated_code'])
+  return out
 
 
 # ----------------------------------------------------------------------------- device
-
-def _best_seconds(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
-
 
 def measure_peak_flops(dtype='float32', size: int | None = None, repeats: int = 5) -> dict:
   """FLOP/s of one large (size x size) @ (size x size) matmul in `dtype`, best of `repeats`."""
@@ -54,7 +72,7 @@ def measure_peak_flops(dtype='float32', size: int | None = None, repeats: int = 
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (size, size), jnp.float32).astype(dtype)
   b = jax.random.normal(kb, (size, size), jnp.float32).astype(dtype)
-  seconds = _best_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  seconds = best_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
   return {'flops_per_s': 2 * size ** 3 / seconds, 'matmul_size': size, 'dtype': str(dtype)}
 
 
@@ -62,8 +80,8 @@ def measure_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> dict:
   """Bytes/s of a float32 reduction (reads N) and of an elementwise scale (reads + writes N)."""
   num_bytes = num_bytes or (256 << 20 if jax.devices()[0].platform == 'cpu' else 2 << 30)
   x = jnp.ones((num_bytes // 4,), jnp.float32)
-  reduce_s = _best_seconds(jax.jit(jnp.sum), x, repeats=repeats)
-  copy_s = _best_seconds(jax.jit(lambda v: v * 1.5), x, repeats=repeats)
+  reduce_s = best_seconds(jax.jit(jnp.sum), x, repeats=repeats)
+  copy_s = best_seconds(jax.jit(lambda v: v * 1.5), x, repeats=repeats)
   read, copy = num_bytes / reduce_s, 2 * num_bytes / copy_s
   return {'bytes_per_s': max(read, copy), 'reduce_bytes_per_s': read, 'copy_bytes_per_s': copy,
           'array_bytes': num_bytes}
@@ -88,39 +106,38 @@ def _pflm_step(model: FunctionalModel, k: int, freq_penalty: float):
   return step
 
 
-def _as_dict(cost):
-  return cost[0] if isinstance(cost, (list, tuple)) else cost
-
-
-def xla_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: int, *,
+def xla_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int, *,
                   temperature: float = 1.0, freq_penalty: float = 0.0, device=None) -> dict:
-  """{'flops', 'bytes'} of one compiled decode step at `batch` (decode_k 0 = the AR step).
+  """{'flops', 'bytes'} of one compiled decode step at `batch`: the AR step for an AR model
+  (k = 1), else the k-token step of the student.
 
   Lowered on abstract shapes only: no parameters or device memory are needed. `device`
   (default: the default backend's) may be an abstract one, e.g. a TPU from
   jax.experimental.topologies, to cost the step for that chip."""
   cfg = model.cfg
-  cache_len = gen_len if decode_k == 0 else gen_len + decode_k  # as the decode loops allocate
+  ar = model.kind == 'ar'
+  cache_len = gen_len if ar else gen_len + k  # as the decode loops allocate
   cache = jax.eval_shape(lambda: decode.init_cache(cfg, batch, cache_len))
   pos = jax.ShapeDtypeStruct((), jnp.int32)
-  if decode_k == 0:
+  if ar:
     step = _ar_step(model, temperature)
     args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32), pos,
             jax.ShapeDtypeStruct((batch,), jnp.float32))
   else:
-    step = _pflm_step(model, decode_k, freq_penalty)
-    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, decode_k), jnp.int32), pos,
-            jax.ShapeDtypeStruct((batch, decode_k, cfg.d_model), cfg.compute_dtype),
+    step = _pflm_step(model, k, freq_penalty)
+    args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, k), jnp.int32), pos,
+            jax.ShapeDtypeStruct((batch, k, cfg.d_model), cfg.compute_dtype),
             jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
   if device is not None:
     place = jax.sharding.SingleDeviceSharding(device)
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), args)
-  cost = _as_dict(jax.jit(step, donate_argnums=(1,)).lower(*args).compile().cost_analysis())
+  cost = _cost_dict(jax.jit(step, donate_argnums=(1,)).lower(*args).compile())
   return {'flops': float(cost.get('flops', 0.0)), 'bytes': float(cost.get('bytes accessed', 0.0))}
 
 
-def analytic_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_len: int) -> dict:
-  """Hand-counted {'flops', 'bytes'} of one decode step (decode_k 0 = the AR step).
+def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int) -> dict:
+  """Hand-counted {'flops', 'bytes'} of one decode step (the AR step for an AR model, else the
+  student's k-token step).
 
   FLOPs: matmuls (2 per multiply-add) of every slot through every layer, attention against
   the whole preallocated cache (the decode loops mask, they do not shorten it), the output
@@ -132,21 +149,21 @@ def analytic_step_cost(model: FunctionalModel, decode_k: int, batch: int, gen_le
   cfg = model.cfg
   d, f, v, layers = cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.num_layers
   act = jnp.dtype(cfg.compute_dtype).itemsize
-  if decode_k == 0:
+  ar = model.kind == 'ar'
+  if ar:
     slots, new_tokens, rows, hints, cache_len = 1, 1, 1, 0, gen_len
   else:
-    slots, new_tokens, rows, hints = 2 * decode_k, decode_k, decode_k, decode_k
-    cache_len = gen_len + decode_k
+    slots, new_tokens, rows, hints, cache_len = 2 * k, k, k, k, gen_len + k
   per_slot_layer = 8 * d * d + 4 * d * f + 4 * d * (cache_len + slots)
   flops_row = layers * slots * per_slot_layer + rows * 2 * d * v + hints * 20 * d * d
-  if decode_k == 0:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
+  if ar:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
     blocks = -(-v // sampling.CDF_BLOCK)
     flops_row += 2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes))
   weights -= v * d  # the embedding table: only the gathered rows are read
   weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)
   bytes_row = (layers * 2 * d * act * (cache_len + new_tokens) + new_tokens * d * 4
-               + 2 * rows * v * 4 + (2 * decode_k * v * 4 if decode_k else 0))
+               + 2 * rows * v * 4 + (0 if ar else 2 * k * v * 4))
   return {'flops': float(batch * flops_row), 'bytes': float(weight_bytes + batch * bytes_row)}
 
 
@@ -168,11 +185,6 @@ def cost_at(affine: dict, batch: float) -> tuple[float, float]:
 def step_seconds(affine: dict, batch: float, peak_flops: float, bandwidth: float) -> float:
   flops, nbytes = cost_at(affine, batch)
   return max(flops / peak_flops, nbytes / bandwidth)
-
-
-def decode_steps(prefix_len: int, gen_len: int, decode_k: int) -> int:
-  """Forward passes after prefill: one per token for AR, one per k tokens for PFLM."""
-  return math.ceil((gen_len - prefix_len) / max(decode_k, 1))
 
 
 def predicted_speedup(ar: dict, student: dict, batch: float, peak_flops: float,
@@ -223,3 +235,78 @@ def compute_bound_from(affine: dict, peak_flops: float, bandwidth: float) -> flo
 def regime(affine: dict, batch: float, peak_flops: float, bandwidth: float) -> str:
   flops, nbytes = cost_at(affine, batch)
   return 'compute' if flops / peak_flops >= nbytes / bandwidth else 'memory'
+
+
+# ----------------------------------------------------------------------------- analysis
+
+COST_SOURCE = ('analytic per-step FLOPs/bytes (roofline.analytic_step_cost) for the prediction; '
+               'the XLA cost_analysis of ONE compiled decode step (not the while_loop, whose '
+               'body it counts once) at the largest batch reported beside it as a cross-check')
+
+
+def _step_costs(decoder, model: FunctionalModel, batch: int, prefix_len: int,
+                gen_len: int) -> dict:
+  """The analytic affine cost of a decoder's step and XLA's count at `batch` beside it."""
+  k = decoder.k
+  analytic = affine_cost(lambda b: analytic_step_cost(model, k, b, gen_len), 1, 2)
+  settings = ({'temperature': decoder.settings['temperature']} if decoder.kind == 'ar' else
+              {'freq_penalty': decoder.settings['freq_penalty']})
+  xla = xla_step_cost(model, k, batch, gen_len, **settings)
+  flops, nbytes = cost_at(analytic, batch)
+  return {'name': decoder.name, 'kind': decoder.kind, 'k': k,
+          'steps': decode_steps(prefix_len, gen_len, k), 'analytic': analytic,
+          'xla': dict(xla, batch=batch, flops_vs_analytic=xla['flops'] / flops,
+                      bytes_vs_analytic=xla['bytes'] / nbytes)}
+
+
+def _compare(ar: dict, entry: dict, measured: dict, batch_sizes, p: float, bw: float) -> dict:
+  """One model's per-batch prediction beside the measurement, its curve and crossovers."""
+  def predict(batch):
+    return predicted_speedup({'affine': ar['analytic'], 'steps': ar['steps']},
+                             {'affine': entry['analytic'], 'steps': entry['steps']}, batch, p, bw)
+
+  rows = measured[entry['name']]
+  per_batch = []
+  for b in batch_sizes:
+    flops, nbytes = cost_at(entry['analytic'], b)
+    per_batch.append({
+        'batch': int(b), 'flops': flops, 'bytes': nbytes,
+        'intensity_flops_per_byte': flops / nbytes,
+        'regime': regime(entry['analytic'], b, p, bw),
+        'predicted_step_s': step_seconds(entry['analytic'], b, p, bw),
+        'measured_step_s': rows[b]['seconds'] / entry['steps'],
+        'predicted_speedup_vs_ar': predict(b)})
+  speedups = [rows[b]['tokens_per_s'] / measured[ar['name']][b]['tokens_per_s']
+              for b in batch_sizes]
+  is_student = entry is not ar
+  curve = np.geomspace(min(batch_sizes), max(4 * max(batch_sizes), 2), 33)
+  return dict(
+      entry, per_batch=per_batch,
+      compute_bound_from_batch=compute_bound_from(entry['analytic'], p, bw),
+      predicted_curve=[[float(b), predict(b)] for b in curve],
+      predicted_crossover_batch=crossover(predict) if is_student else None,
+      measured_crossover_batch=(measured_crossover(list(batch_sizes), speedups)
+                                if is_student else None),
+      predicted_speedup_batch_1=predict(1), predicted_speedup_large_batch=predict(1 << 20))
+
+
+def analyse(decoders, throughput: dict, batch_sizes, prefix_len: int, gen_len: int,
+            dtype: str) -> dict:
+  """Per-step costs, device peaks, predicted vs measured speed-ups and their crossovers.
+
+  decoders: [(decode.Decoder, its models.FunctionalModel)], the AR teacher first;
+  throughput: timing.measure_throughput's rows of the same decoders at `batch_sizes`."""
+  peak = measure_peak_flops(dtype)
+  bandwidth = measure_bandwidth()
+  p, bw = peak['flops_per_s'], bandwidth['bytes_per_s']
+  progress.log(f'[roofline] peak {p / 1e9:.1f} GFLOP/s ({dtype} matmul), bandwidth '
+               f'{bw / 1e9:.1f} GB/s')
+  largest = max(batch_sizes)
+  entries = [_step_costs(d, model, largest, prefix_len, gen_len) for d, model in decoders]
+  progress.log(f'[roofline] analytic step costs, and XLA cost analysis of one step at batch '
+               f'{largest}')
+  measured = {name: {row['batch']: row for row in rows} for name, rows in throughput.items()}
+  return {'cost_source': COST_SOURCE, 'peak_flops_per_s': p, 'bandwidth_bytes_per_s': bw,
+          'ridge_flops_per_byte': p / bw, 'peak_measurement': peak,
+          'bandwidth_measurement': bandwidth,
+          'models': [_compare(entries[0], e, measured, batch_sizes, p, bw) for e in entries]}
