@@ -5,7 +5,7 @@ vocab.txt at data.tokenizer_path. Runs where the hardware and data exist (a TPU 
 same file carries the distillation schedule (config.distill) used by `kforcing_jax.distill`.
 """
 
-from configs import common
+from configs import common, paper_protocol
 
 
 def get_config():
@@ -22,4 +22,5 @@ def get_config():
   # a v5e-16 device has 15.75 GiB: recomputing each layer in the backward pass keeps the
   # 16-row-per-device k=4 step well inside it without microbatching (launch/compile_tpu.py)
   c.model.remat = 'full'
+  c.reproduce = paper_protocol.reproduce_settings()
   return c

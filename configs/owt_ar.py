@@ -1,16 +1,17 @@
 """Paper scale, OpenWebText: 12 layers, d 768, 12 heads, GPT-2 vocabulary (+ mask 50257), seq 1024.
 
-Needs the OpenWebText files prepared by the `openwebtext_manual` TFDS builder from
-data.manual_dir, and the GPT-2 encoder.json + vocab.bpe in data.tokenizer_path. The same file
-carries the distillation schedule (config.distill) used by `kforcing_jax.distill`.
+OpenWebText is read as a `text_files` folder: the downloaded *.txt (or *.jsonl) files in
+data.manual_dir (kforcing_jax/data/text_files.py says how to lay them out), with the GPT-2
+encoder.json + vocab.bpe in data.tokenizer_path. The same file carries the distillation
+schedule (config.distill) used by `kforcing_jax.distill`.
 """
 
-from configs import common
+from configs import common, paper_protocol
 
 
 def get_config():
   c = common.paper_scale(common.base_config())
-  c.data.name = 'owt'
+  c.data.name = 'text_files'
   c.data.seq_len = 1024
   c.data.packing = False
   c.data.tokenizer = 'gpt2'
@@ -25,4 +26,5 @@ def get_config():
   c.model.remat = 'full'
   c.train.microbatches = 8
   c.distill.microbatches = 8
+  c.reproduce = paper_protocol.reproduce_settings()
   return c

