@@ -22,5 +22,5 @@ def get_config():
   # a v5e-16 device has 15.75 GiB: recomputing each layer in the backward pass keeps the
   # 16-row-per-device k=4 step well inside it without microbatching (launch/compile_tpu.py)
   c.model.remat = 'full'
-  c.reproduce = paper_protocol.reproduce_settings()
+  c.reproduce = paper_protocol.reproduce_settings('lm1b')
   return c

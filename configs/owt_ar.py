@@ -26,5 +26,5 @@ def get_config():
   c.model.remat = 'full'
   c.train.microbatches = 8
   c.distill.microbatches = 8
-  c.reproduce = paper_protocol.reproduce_settings()
+  c.reproduce = paper_protocol.reproduce_settings('owt')
   return c

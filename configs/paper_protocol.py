@@ -8,8 +8,9 @@ decode.gen_len, the authors' penalties decode.freq_penalty) stay in the dataset 
 import ml_collections
 
 
-def reproduce_settings() -> ml_collections.ConfigDict:
+def reproduce_settings(task: str) -> ml_collections.ConfigDict:
   r = ml_collections.ConfigDict()
+  r.task = task                  # the authors' task name in throughput.json: lm1b | owt
   r.prefix_tokens = 6            # each prefix is cut to its first 6 tokens; shorter ones dropped
   r.prepend_bos = False          # True: [CLS] / <|endoftext|> before them (the authors: no BOS)
   r.ks = (1, 2, 3, 4)            # student K values to decode (each <= the student's k_max)

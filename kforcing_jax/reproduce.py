@@ -115,8 +115,9 @@ def freq_penalties(config, ks, override=()) -> dict[int, float]:
   table = dict(config.decode.freq_penalty)
   unknown = [k for k in ks if str(k) not in table]
   if unknown:
-    raise ValueError(f'the authors give no frequency penalty for K={unknown} ({config.data.name}:'
-                     f' {table}); set --config.reproduce.freq_penalty with one value per K.')
+    raise ValueError(f'the authors give no frequency penalty for K={unknown} '
+                     f'({config.reproduce.task}: {table}); set --config.reproduce.freq_penalty '
+                     'with one value per K.')
   return {k: decode.freq_penalty(config, k) for k in ks}
 
 
@@ -265,7 +266,7 @@ def _decode_all(c: _Context, decoders, evaluator, log) -> tuple[list[dict], dict
                                        r.n_warmup_batches)
     samples = np.asarray(out)[:total_samples]
     record = throughput_record(
-        model=dec.name, task=c.config.data.name, batch_size=r.batch_size,
+        model=dec.name, task=r.task, batch_size=r.batch_size,
         n_per_prefix=r.n_per_prefix, total_samples=total_samples, max_new_tokens=c.max_new,
         k_per_step=dec.k, prefix_len=c.prompt_len, batch_seconds=seconds,
         n_warmup_batches=r.n_warmup_batches, device=c.device,
@@ -288,7 +289,7 @@ def _decode_all(c: _Context, decoders, evaluator, log) -> tuple[list[dict], dict
 def _settings(c: _Context, ar, pflm, prefix_file: str, student, penalties: dict) -> dict:
   """results.json "settings": config.reproduce plus what the run resolved from it."""
   r, d = c.config.reproduce, c.config.data
-  return {**r.to_dict(), 'task': d.name, 'prefix_file': prefix_file, 'out': c.out, 'ar': ar,
+  return {**r.to_dict(), 'prefix_file': prefix_file, 'out': c.out, 'ar': ar,
           'pflm': pflm, 'evaluator': r.evaluator or None, 'tokenizer': d.tokenizer,
           'tokenizer_path': d.tokenizer_path, 'ks': list(penalties),
           'max_new_tokens': c.max_new, 'bos_id': c.tokenizer.bos_id if r.prepend_bos else None,
@@ -339,7 +340,7 @@ def run(config, *, prefix_file: str, out: str, ar: str | None = None, pflm: str 
                for k in penalties]
   models, tokens = _decode_all(c, decoders, evaluator, log)
   results = {
-      'task': config.data.name, 'device': c.device, 'jax_version': jax.__version__,
+      'task': r.task, 'device': c.device, 'jax_version': jax.__version__,
       'models': models,
       'prefixes': {'in_file': c.prompts.num_lines, 'dropped_short': c.prompts.dropped_short,
                    'used': int(len(c.prompts.ids))},

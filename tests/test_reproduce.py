@@ -230,6 +230,7 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
     record = json.loads((out / name / 'throughput.json').read_text())
     assert set(record) == set(reproduce.THROUGHPUT_FIELDS)
     assert (record['model'], record['K_per_step'], record['freq_penalty']) == (name, k, penalty)
+    assert record['task'] == 'lm1b'  # the authors' task name, not the dataset builder's
     assert (record['total_samples'], record['n_batches'], record['prefix_len'],
             record['max_new_tokens']) == (6, 2, 7, 8)
     assert record['total_nfe'] == 2 * steps
@@ -259,6 +260,7 @@ def test_default_prompt_is_the_authors_six_tokens(run_dir, tmp_path):
   defaults = lm1b_ar.get_config().reproduce
   assert defaults.prepend_bos is False and owt_ar.get_config().reproduce.prepend_bos is False
   assert defaults.max_new_tokens == 0  # 0: total length minus the prompt
+  assert (defaults.task, owt_ar.get_config().reproduce.task) == ('lm1b', 'owt')
   results = _run(run_dir, tmp_path / 'out', ks=(2,), n_per_prefix=1, max_new_tokens=0,
                  prepend_bos=defaults.prepend_bos)
   np.testing.assert_array_equal(results['tokens']['ar'][:, :6], BERT_PREFIXES)
