@@ -21,9 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'shakespeare'        # shakespeare | lm1b | owt
+  c.data.name = 'shakespeare'        # shakespeare | lm1b | text_files (owt: its old name)
   c.data.data_dir = 'data'           # TFDS data_dir (local path or gs://...)
-  c.data.manual_dir = ''             # owt: where the user put the downloaded files
+  c.data.manual_dir = ''             # text_files: the folder of *.txt / *.jsonl documents
   c.data.seq_len = 128
   c.data.packing = True              # True: concatenate documents with EOS and cut rows;
                                      # False: one document per row, padded, loss-masked
@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 2
+  c.train.profile_steps = 0          # > 0: profiler trace of that many steps after the first
 
   c.distill = ml_collections.ConfigDict()
   c.distill.stages = ((1, 300), (2, 300), (4, 300))  # (k, steps): each stage doubles k
@@ -78,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.eval_batches = 4
   c.distill.checkpoint_every = 100
   c.distill.keep_checkpoints = 2
+  c.distill.profile_steps = 0        # per stage, into <stage dir>/profile
 
   c.decode = ml_collections.ConfigDict()
   c.decode.prefix_len = 6
