@@ -294,7 +294,7 @@ def _settings(c: _Context, ar, pflm, prefix_file: str, student, penalties: dict)
           'tokenizer_path': d.tokenizer_path, 'ks': list(penalties),
           'max_new_tokens': c.max_new, 'bos_id': c.tokenizer.bos_id if r.prepend_bos else None,
           'prompt_len': c.prompt_len, 'total_len': c.prompt_len + c.max_new,
-          'student_k_max': student.k if student else None,
+          'pflm_k_max': student.k if student else None,
           'freq_penalty': {str(k): v for k, v in penalties.items()},
           'ar_temperature': 1.0, 'student_tau': 1.0, 'eos_stop': False,
           'total_samples': len(c.prompts.ids) * r.n_per_prefix}

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from kforcing_jax import checkpoints, decode, distill, evaluate, generate, sharding, train
+from configs import lm1b_ar, test_tiny
+from kforcing_jax import decode, distill, rundir, sharding
 from kforcing_jax.convert import (DestinationError, InvFreqMismatchError, KindMismatchError,
                                   MissingKeysError, ShapeMismatchError, UnexpectedKeysError,
                                   convert_checkpoint, layout, synthetic)
@@ -27,6 +28,8 @@ TOLERANCE = {'atol': 2e-5, 'rtol': 2e-5}
 DIMS = layout.Dims(vocab_size=100, d_model=32, num_layers=2, num_heads=4)
 MASK_ID = 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, 'configs', 'test_tiny.py')
+LM1B_CONFIG = os.path.join(REPO, 'configs', 'lm1b_ar.py')
 
 
 def has_torch() -> bool:
@@ -39,15 +42,25 @@ def write(path, kind='ar', dims=DIMS, seed=0, state=None):
   return state
 
 
-def convert(src, dst, **kwargs):
-  kwargs.setdefault('mask_id', MASK_ID)
-  return convert_checkpoint(str(src), str(dst), log=lambda _: None, **kwargs)
+def base_config(vocab_size: int = DIMS.vocab_size, mask_id: int = MASK_ID):
+  """configs/test_tiny.py as `--config.model.vocab_size=V --config.model.mask_id=M
+  --config.model.pad_vocab_to_multiple_of=128` gives it for a checkpoint's vocabulary."""
+  config = test_tiny.get_config()
+  config.model.vocab_size, config.model.mask_id = vocab_size, mask_id
+  config.model.pad_vocab_to_multiple_of = 128
+  return config
 
 
-def load(directory, model):
-  params, meta = checkpoints.import_params(str(directory), checkpoints.abstract_like(
-      model.param_shapes, jax.tree.map(lambda _: None, model.param_shapes)))
-  return params, meta
+def convert(src, dst, config=None, config_file=TINY_CONFIG, **kwargs):
+  config = base_config() if config is None else config
+  return convert_checkpoint(str(src), str(dst), config, config_file, log=lambda _: None,
+                            **kwargs)
+
+
+def load(dst, kind: str, k: int | None = None) -> rundir.Export:
+  """A converted export through the one loader, its model built from DST/config.py."""
+  return rundir.load_export(rundir.model_dir(str(dst), kind, k), sharding.single_device_layout(),
+                            kind=kind, config=load_run_config(dst))
 
 
 def load_run_config(dst):
@@ -189,9 +202,9 @@ def test_ar_logits_equal_numpy_reference(tmp_path, suffix):
                 'reader needs it - .safetensors is covered without it.')
   state = write(tmp_path / f'ar.{suffix}')
   meta = convert(tmp_path / f'ar.{suffix}', tmp_path / 'run')
-  assert meta['padded_vocab_size'] == 128 and meta['k'] == 0 and meta['converted']
-  model = train.teacher_model(load_run_config(tmp_path / 'run'))
-  params, stored_meta = load(tmp_path / 'run' / 'teacher' / 'params', model)
+  assert meta['padded_vocab_size'] == 128 and meta['k'] == 1 and meta['converted']  # AR: k 1
+  export = load(tmp_path / 'run', 'ar')
+  model, params, stored_meta = export.model, export.params, export.meta
   assert stored_meta['params'] == layout.parameter_count(layout.expected_shapes('ar', DIMS))
   # the real vocabulary and mask id travel with the export (reproduce.py checks them)
   assert (stored_meta['vocab_size'], stored_meta['mask_id']) == (DIMS.vocab_size, MASK_ID)
@@ -206,8 +219,9 @@ def test_ar_logits_equal_numpy_reference(tmp_path, suffix):
 def test_student_hint_logits_equal_numpy_reference(tmp_path):
   state = write(tmp_path / 'pflm.safetensors', kind='pflm', seed=2)
   convert(tmp_path / 'pflm.safetensors', tmp_path / 'run', k=4)
-  model = distill.student_model(load_run_config(tmp_path / 'run'), 4)
-  params, _ = load(tmp_path / 'run' / 'student_k4' / 'params', model)
+  export = load(tmp_path / 'run', 'pflm', 4)
+  model, params = export.model, export.params
+  assert model.k_max == 4
   rng = np.random.default_rng(3)
   tokens = rng.integers(0, DIMS.vocab_size, (2, 6))
   u = rng.random((2, 6, 3), dtype=np.float32)
@@ -224,8 +238,8 @@ def test_student_hint_logits_equal_numpy_reference(tmp_path):
 def test_student_decodes_its_first_tokens_like_the_reference(tmp_path):
   state = write(tmp_path / 'pflm.safetensors', kind='pflm', seed=4)
   convert(tmp_path / 'pflm.safetensors', tmp_path / 'run', k=4)
-  model = distill.student_model(load_run_config(tmp_path / 'run'), 4)
-  params, _ = load(tmp_path / 'run' / 'student_k4' / 'params', model)
+  export = load(tmp_path / 'run', 'pflm')  # the widest stage, as reproduce picks it
+  model, params = export.model, export.params
   prompt_len, k = 5, 4
   prompts = np.random.default_rng(5).integers(0, DIMS.vocab_size, (2, prompt_len))
   key = jax.random.key(6)
@@ -290,8 +304,9 @@ def test_cli_prints_one_line_errors(tmp_path):
   write(tmp_path / 'bad.safetensors',
         state=broken(synthetic.random_state_dict('ar', DIMS, 0), **{'blocks.0.norm2.weight': None}))
   result = subprocess.run(
-      [sys.executable, '-m', 'kforcing_jax.convert', f'--src={tmp_path / "bad.safetensors"}',
-       f'--dst={tmp_path / "run"}', '--mask_id=3'],
+      [sys.executable, '-m', 'kforcing_jax.main.convert', '--config=configs/test_tiny.py',
+       '--config.model.vocab_size=100', '--config.model.mask_id=3',
+       f'--src={tmp_path / "bad.safetensors"}', f'--dst={tmp_path / "run"}'],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS='cpu', KFORCING_TRACEBACK=''))
   assert result.returncode == 2
@@ -313,10 +328,16 @@ def test_ckpt_without_a_state_dict_is_refused(tmp_path):
     convert(tmp_path / 'raw.ckpt', tmp_path / 'run')
 
 
-def test_unknown_vocabularies_need_a_mask_id(tmp_path):
-  write(tmp_path / 'ar.safetensors')
-  with pytest.raises(ValueError, match='--mask_id'):
-    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', mask_id=None)
+def test_the_config_must_name_the_checkpoints_vocabulary_and_mask_id(tmp_path):
+  write(tmp_path / 'ar.safetensors')  # V = 100; test_tiny.py says 256
+  with pytest.raises(ValueError) as excinfo:
+    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', config=test_tiny.get_config())
+  message = str(excinfo.value)
+  assert 'a 100-token vocabulary' in message and 'model.vocab_size=256' in message
+  assert '--config.model.vocab_size=100' in message and '--config.model.mask_id' in message
+  with pytest.raises(ValueError, match=r'--config\.model\.mask_id=100 is outside'):
+    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', config=base_config(mask_id=100))
+  assert not os.path.exists(tmp_path / 'run')  # nothing half-written
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -339,45 +360,74 @@ def test_ar_and_student_share_a_run_directory(tmp_path):
   with pytest.raises(DestinationError, match='d_model 32 vs 64'):
     convert(tmp_path / 'wide.safetensors', dst)
   with pytest.raises(DestinationError, match='mask_id 3 vs 7'):
-    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', mask_id=7)
+    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', config=base_config(mask_id=7))
+  with pytest.raises(DestinationError, match='based on --config=.*test_tiny.py'):
+    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', config_file=LM1B_CONFIG)
 
 
-def test_paper_vocabularies_use_the_paper_configs(tmp_path):
-  # tiny widths with the LM1B vocabulary: the lm1b config and the bert mask id 103
+def test_paper_configs_give_the_paper_vocabularies(tmp_path):
+  # tiny widths with the LM1B vocabulary: --config=configs/lm1b_ar.py gives the bert mask id 103
   dims = layout.Dims(vocab_size=30522, d_model=16, num_layers=1, num_heads=2)
   write(tmp_path / 'ar.safetensors', dims=dims)
-  meta = convert(tmp_path / 'ar.safetensors', tmp_path / 'run', mask_id=None)
+  meta = convert(tmp_path / 'ar.safetensors', tmp_path / 'run', config=lm1b_ar.get_config(),
+                 config_file=LM1B_CONFIG)
   assert (meta['mask_id'], meta['padded_vocab_size']) == (103, 30592)
+  assert f'BASE = {LM1B_CONFIG!r}' in (tmp_path / 'run' / 'config.py').read_text()
   config = load_run_config(tmp_path / 'run')
   assert (config.data.name, config.model.vocab_size, config.model.mask_id) == ('lm1b', 30522, 103)
   assert (config.model.d_model, config.model.num_layers, config.model.num_heads) == (16, 1, 2)
 
 
-def test_converted_run_loads_through_our_paths(tmp_path, tiny_data_config):
-  """Evaluator, generate.load_model and a k=8 distillation stage from the converted k=4."""
+def test_converted_run_loads_through_our_paths(tmp_path):
+  """The one loader (evaluate / generate / reproduce load through it), with DST/config.py, and a
+  k=8 distillation stage from the converted k=4."""
   dims = layout.Dims(vocab_size=256, d_model=32, num_layers=2, num_heads=4)  # test_tiny's vocab
   ar_state = write(tmp_path / 'ar.safetensors', dims=dims)
   write(tmp_path / 'pflm.safetensors', kind='pflm', dims=dims, seed=1)
   dst = str(tmp_path / 'run')
-  convert(tmp_path / 'ar.safetensors', dst, mask_id=0)
-  student_meta = convert(tmp_path / 'pflm.safetensors', dst, mask_id=0, k=4)
+  convert(tmp_path / 'ar.safetensors', dst, config=base_config(256, 0))
+  student_meta = convert(tmp_path / 'pflm.safetensors', dst, config=base_config(256, 0), k=4)
   config = load_run_config(dst)
-  for field in ('data_dir', 'seq_len'):
-    config.data[field] = tiny_data_config.data[field]
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  mesh_layout = sharding.layout_from_config(config)
 
-  config.eval.evaluator_workdir = dst
-  evaluator, evaluator_params = evaluate.load_evaluator(config, mesh, config.sharding_rules)
-  assert evaluator.cfg.vocab_size == 256 and evaluator.cfg.num_layers == 2
-  np.testing.assert_array_equal(np.asarray(evaluator_params['embed']),
+  evaluator = rundir.load_export(rundir.teacher_dir(dst), mesh_layout, kind='ar', config=config)
+  assert evaluator.model.cfg.vocab_size == 256 and evaluator.model.cfg.num_layers == 2
+  np.testing.assert_array_equal(np.asarray(evaluator.params['embed']),
                                 ar_state[layout.EMBEDDING])
-  student, _ = generate.load_model(config, dst, 4, mesh, config.sharding_rules)
-  assert student.k_max == 4
+  student = rundir.load_export(rundir.model_dir(dst, 'pflm'), mesh_layout, config=config)
+  assert (student.kind, student.k, student.directory) == ('pflm', 4, rundir.stage_dir(dst, 4))
 
-  stage = distill.Stage(train.Experiment(config), dst, 8, 1, 4)
-  assert (stage.student.k_max, stage.teacher.k_max) == (8, 4)
-  student_params, _ = load(student_meta['path'], stage.teacher)
-  np.testing.assert_array_equal(np.asarray(stage.teacher_params['noise_encoder']['proj']),
-                                np.asarray(student_params['noise_encoder']['proj']))
-  np.testing.assert_array_equal(np.asarray(stage.ar_params['head']),
-                                np.asarray(evaluator_params['head']))
+  teachers = distill.load_teachers(config, dst, mesh_layout, prev_k=4)
+  program = distill.stage_program(config, mesh_layout, 8, 4)
+  assert (program.model.k_max, teachers.teacher.k) == (8, 4)
+  assert student_meta['path'] == rundir.params_dir(rundir.stage_dir(dst, 4))
+  np.testing.assert_array_equal(np.asarray(teachers.teacher.params['noise_encoder']['proj']),
+                                np.asarray(student.params['noise_encoder']['proj']))
+  np.testing.assert_array_equal(np.asarray(teachers.ar.params['head']),
+                                np.asarray(evaluator.params['head']))
+
+
+def test_commands_write_and_convert_a_synthetic_checkpoint(tmp_path, monkeypatch):
+  """main/synthetic_checkpoint.py then main/convert.py, as the README runs them: the --config
+  path given on the command line is the base DST/config.py loads."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  src, dst = tmp_path / 'pflm.safetensors', tmp_path / 'run'
+  commands = [
+      ['kforcing_jax.main.synthetic_checkpoint', f'--dst={src}', '--kind=pflm',
+       '--vocab_size=100', '--d_model=32', '--num_layers=2', '--num_heads=4', '--seed=5'],
+      ['kforcing_jax.main.convert', '--config=configs/test_tiny.py', f'--src={src}',
+       f'--dst={dst}', '--k=2', '--config.model.vocab_size=100', '--config.model.mask_id=3']]
+  for command in commands:
+    done = subprocess.run([sys.executable, '-m', *command], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+  state = synthetic.random_state_dict('pflm', DIMS, 5)
+  monkeypatch.chdir(REPO)  # the relative base path resolves where the commands run
+  assert "BASE = 'configs/test_tiny.py'" in (dst / 'config.py').read_text()
+  config = load_run_config(dst)
+  assert (config.model.vocab_size, config.model.mask_id, config.model.d_model) == (100, 3, 32)
+  assert [k for k, _ in config.distill.stages] == [1, 2, 4]
+  export = load(dst, 'pflm')
+  assert export.k == 2
+  np.testing.assert_array_equal(np.asarray(export.params['noise_encoder']['norm_bias']),
+                                state['noise_encoder.norm.bias'])

@@ -242,7 +242,7 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
   assert on_disk['prefixes'] == {'in_file': 5, 'dropped_short': 2, 'used': 3}
   assert on_disk['evaluator'] == {'dir': run_dir['dir'], 'is_the_ar_model': True}
   assert on_disk['settings']['prompt_len'] == 7 and on_disk['settings']['bos_id'] == 3
-  assert on_disk['settings']['student_k_max'] == 4
+  assert on_disk['settings']['pflm_k_max'] == 4  # the student's k_max
   models = {m['name']: m for m in on_disk['models']}
   assert models['ar']['speedup_vs_ar'] == 1.0
   ar_tput = models['ar']['throughput_tok_per_sec_total']

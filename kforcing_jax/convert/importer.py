@@ -10,21 +10,27 @@ from kforcing_jax import checkpoints
 from kforcing_jax.convert import errors, layout, mapping, reader, run_dir, validate
 from kforcing_jax.models import FunctionalModel, backbone_config
 
-# the paper vocabularies' reserved mask ids (METHOD.md s.2)
-PAPER_MASK_IDS = {30522: 103, 50258: 50257}
 
-
-def resolve_mask_id(vocab_size: int, mask_id: int | None) -> int:
-  if mask_id is None:
-    if vocab_size not in PAPER_MASK_IDS:
-      raise errors.ConversionError(
-          f'vocabulary size {vocab_size} is not a paper vocabulary (30522 bert, 50258 GPT-2 + '
-          'mask), so the mask id is unknown: pass --mask_id.')
-    return PAPER_MASK_IDS[vocab_size]
-  if not 0 <= mask_id < vocab_size:
-    raise errors.ConversionError(f'--mask_id={mask_id} is outside the vocabulary '
-                                 f'[0, {vocab_size}).')
-  return mask_id
+def model_settings(config, config_file: str, dims: layout.Dims) -> dict:
+  """run_dir.MODEL_FIELDS of the converted model: the vocabulary, mask id and padding from the
+  base config (its vocabulary checked against the checkpoint's), the widths from the shapes."""
+  m = config.model
+  if m.vocab_size != dims.vocab_size:
+    raise errors.ConversionError(
+        f'the checkpoint has a {dims.vocab_size}-token vocabulary ({layout.EMBEDDING} rows) but '
+        f'--config={config_file} has model.vocab_size={m.vocab_size}: name the config of the '
+        "checkpoint's dataset (configs/lm1b_ar.py: bert, 30522; configs/owt_ar.py: GPT-2 + "
+        f'mask, 50258), or set --config.model.vocab_size={dims.vocab_size} and '
+        '--config.model.mask_id=<its mask id>.')
+  if not 0 <= m.mask_id < dims.vocab_size:
+    raise errors.ConversionError(f'--config.model.mask_id={m.mask_id} is outside the '
+                                 f'vocabulary [0, {dims.vocab_size}).')
+  if m.pad_vocab_to_multiple_of < 1:
+    raise errors.ConversionError('--config.model.pad_vocab_to_multiple_of='
+                                 f'{m.pad_vocab_to_multiple_of} must be >= 1.')
+  values = (dims.vocab_size, m.mask_id, m.pad_vocab_to_multiple_of, dims.d_model,
+            dims.num_layers, dims.num_heads)
+  return dict(zip(run_dir.MODEL_FIELDS, values))
 
 
 def check_window(kind: str, k: int) -> None:
@@ -34,34 +40,27 @@ def check_window(kind: str, k: int) -> None:
                                  '...), the window it was distilled for.')
 
 
-def model_settings(dims: layout.Dims, mask_id: int, pad_multiple: int) -> dict:
-  """run_dir.MODEL_FIELDS of this architecture."""
-  values = (dims.vocab_size, mask_id, pad_multiple, dims.d_model, dims.num_layers,
-            dims.num_heads)
-  return dict(zip(run_dir.MODEL_FIELDS, values))
-
-
 def our_model(model: dict, kind: str, k: int) -> FunctionalModel:
   cfg = backbone_config(ml_collections.ConfigDict(dict(model, mlp_ratio=4, dtype='float32')))
-  return FunctionalModel(cfg, kind, k_max=k if kind == 'pflm' else 1)
+  return FunctionalModel(cfg, kind, k_max=k)
 
 
-def convert_checkpoint(src: str, dst: str, kind: str | None = None, k: int = 4,
-                       pad_vocab_to_multiple_of: int = 128, mask_id: int | None = None,
-                       log=print) -> dict:
-  """Convert one authors' checkpoint into the run directory `dst`. Returns the export's meta
-  (with 'params' = trained values and 'path' = where it went)."""
-  if pad_vocab_to_multiple_of < 1:
-    raise errors.ConversionError(f'--pad_vocab_to_multiple_of={pad_vocab_to_multiple_of} must '
-                                 'be >= 1.')
+def convert_checkpoint(src: str, dst: str, config, config_file: str, kind: str | None = None,
+                       k: int = 4, log=print) -> dict:
+  """Convert one authors' checkpoint into the run directory `dst`.
+
+  config: the base config (a ConfigDict; its model.vocab_size must be the checkpoint's, and its
+  mask_id and pad_vocab_to_multiple_of are used); config_file: where it was read from, which
+  DST/config.py loads. Returns the export's meta (with 'params' = trained values and 'path' =
+  where it went)."""
   state = reader.read_state_dict(src)
   kind, dims = validate.check_state_dict(state, kind)
   check_window(kind, k)
-  model = model_settings(dims, resolve_mask_id(dims.vocab_size, mask_id),
-                         pad_vocab_to_multiple_of)
-  k = k if kind == 'pflm' else 0  # 0 = the AR teacher, as in `generate --k=0`
-  relative = os.path.relpath(run_dir.export_path(dst, kind, k), dst)
-  manifest = run_dir.check_destination(dst, relative, model)
+  model = model_settings(config, config_file, dims)
+  k = k if kind == 'pflm' else 1  # the AR model decodes one token per step
+  path = run_dir.export_path(dst, kind, k)
+  relative = os.path.relpath(path, dst)
+  manifest = run_dir.check_destination(dst, relative, model, config_file)
 
   target = our_model(model, kind, k)
   params = mapping.to_params(state, kind, dims, target.cfg.vocab_size)
@@ -72,15 +71,13 @@ def convert_checkpoint(src: str, dst: str, kind: str | None = None, k: int = 4,
   meta = dict(model, kind=kind, k=k, source=os.path.abspath(src), converted=True,
               padded_vocab_size=target.cfg.vocab_size,
               params=layout.parameter_count(layout.expected_shapes(kind, dims)))
-  path = os.path.join(dst, relative)
   checkpoints.export_params(path, jax.tree.map(jnp.asarray, params), meta)
   manifest['exports'][relative] = {'kind': kind, 'k': k, 'source': meta['source']}
   run_dir.write_manifest(dst, manifest)
-  config_path = run_dir.write_config(dst, manifest)
+  config_path = run_dir.write_config(dst, manifest, config)
   log(f'{src}: {kind}, V={dims.vocab_size} (padded to {target.cfg.vocab_size}, mask id '
       f'{model["mask_id"]}), D={dims.d_model}, L={dims.num_layers}, H={dims.num_heads}, '
       f'{meta["params"]:,} params')
   log(f'  -> {path}' + (f' (k={k})' if kind == 'pflm' else ''))
   log(f'  -> {config_path} (use --config={config_path} --workdir={dst})')
   return dict(meta, path=path)
-

@@ -1,18 +1,22 @@
 """The converted run directory: exactly what our CLIs read from a trained one.
 
-  DST/teacher/params        AR checkpoint            (train.py writes the same)
-  DST/student_k{K}/params   PFLM checkpoint, k_max K (distill.stage_dir(DST, K)/params)
-  DST/config.py             --config=DST/config.py for train / distill / evaluate / generate
-  DST/converted.json        the model settings and what was converted from where
+  DST/<AR model dir>/params       AR checkpoint (rundir.teacher_dir: where training writes it)
+  DST/<stage K dir>/params        PFLM checkpoint, k_max K (rundir.stage_dir(DST, K))
+  DST/config.py                   --config=DST/config.py for train / distill / evaluate / ...
+  DST/converted.json              the base config, the model settings and what came from where
 
+DST/config.py is the base config the user named (--config=configs/lm1b_ar.py, loaded from
+that path, relative to the directory the commands run from) with the converted model's
+settings and a distillation schedule that reaches one stage past the widest converted student.
 An AR and a PFLM checkpoint may be converted into the same DST (that is what distilling a
-wider stage from a released student needs); their model settings must then agree.
+wider stage from a released student needs); their base config and model settings must agree.
 """
 
-import importlib
-import json
 import os
 
+from etils import epath
+
+from kforcing_jax import progress, rundir
 from kforcing_jax.convert import errors
 
 # config.model fields that rebuild a converted architecture (see models.backbone_config)
@@ -20,49 +24,49 @@ MODEL_FIELDS = ('vocab_size', 'mask_id', 'pad_vocab_to_multiple_of', 'd_model', 
                 'num_heads')
 MANIFEST = 'converted.json'
 CONFIG = 'config.py'
-# the dataset configs whose vocabulary the authors' checkpoints use; others start from common
-PAPER_CONFIGS = {30522: 'lm1b_ar', 50258: 'owt_ar'}
 
 
 def export_path(dst: str, kind: str, k: int) -> str:
-  return os.path.join(dst, 'teacher' if kind == 'ar' else f'student_k{k}', 'params')
+  """params/ of the AR model directory (kind 'ar') or of stage k (kind 'pflm')."""
+  return rundir.params_dir(rundir.model_dir(dst, kind, k if kind == 'pflm' else None))
 
 
 def read_manifest(dst: str) -> dict | None:
-  path = os.path.join(dst, MANIFEST)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return progress.read_json(epath.Path(dst) / MANIFEST)
 
 
-def check_destination(dst: str, relative_export: str, model: dict) -> dict:
+def check_destination(dst: str, relative_export: str, model: dict, base_config: str) -> dict:
   """The manifest to extend; raises DestinationError when writing would clobber or contradict."""
+  root = epath.Path(dst)
   manifest = read_manifest(dst)
   if manifest is None:
-    if os.path.exists(os.path.join(dst, CONFIG)):
+    if (root / CONFIG).exists():
       raise errors.DestinationError(f'{dst} already has a {CONFIG} that this converter did not '
                                     'write; convert into a new --dst.')
-    manifest = {'model': model, 'exports': {}}
+    manifest = {'base_config': base_config, 'model': model, 'exports': {}}
+  elif (os.path.abspath(manifest.setdefault('base_config', base_config))  # older manifests: none
+        != os.path.abspath(base_config)):
+    raise errors.DestinationError(f'{dst} holds a conversion based on --config='
+                                  f'{manifest["base_config"]}; convert with that config or into '
+                                  'another --dst.')
   elif manifest['model'] != model:
     diff = ', '.join(f'{key} {manifest["model"].get(key)} vs {value}'
                      for key, value in model.items() if manifest['model'].get(key) != value)
     raise errors.DestinationError(f'{dst} holds a conversion with different model settings '
                                   f'({diff}); use another --dst.')
-  if os.path.exists(os.path.join(dst, relative_export)):
-    raise errors.DestinationError(f'{os.path.join(dst, relative_export)} already exists; delete '
-                                  'it or choose another --dst.')
+  if (root / relative_export).exists():
+    raise errors.DestinationError(f'{root / relative_export} already exists; delete it or '
+                                  'choose another --dst.')
   return manifest
 
 
 def write_manifest(dst: str, manifest: dict) -> None:
-  with open(os.path.join(dst, MANIFEST), 'w') as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
+  progress.write_json(epath.Path(dst) / MANIFEST, manifest)
 
 
 def distill_stages(base_stages, student_ks) -> tuple:
   """The base schedule, extended by doubling until it holds one stage beyond the widest
-  converted student: with student_k4 converted, `distill --stage=8` starts from it."""
+  converted student: with a k = 4 student converted, `distill --stage=8` starts from it."""
   stages = [tuple(int(x) for x in stage) for stage in base_stages]
   target = 2 * max(student_ks, default=0)
   while stages[-1][0] < target:
@@ -70,37 +74,40 @@ def distill_stages(base_stages, student_ks) -> tuple:
   return tuple(stages)
 
 
-def config_source(model: dict, student_ks) -> str:
-  """Python source of DST/config.py: the paper config for this vocabulary (or the common
-  defaults) with the converted model's settings."""
-  base = PAPER_CONFIGS.get(model['vocab_size'], 'common')
-  make = 'base_config' if base == 'common' else 'get_config'
-  base_stages = getattr(importlib.import_module(f'configs.{base}'), make)().distill.stages
+def config_source(manifest: dict, config) -> str:
+  """Python source of DST/config.py: the base config file with the converted model's settings
+  (`config` is the base as the converter got it: its schedule and tokenizer kind are used)."""
+  model, base = manifest['model'], manifest['base_config']
+  student_ks = [entry['k'] for entry in manifest['exports'].values() if entry['kind'] == 'pflm']
   lines = [
-      '"""Config for the checkpoints converted into this directory by kforcing_jax.convert.',
+      '"""Config for the checkpoints converted into this directory by kforcing_jax.main.convert.',
       '',
-      f'Base: configs/{base}.py, with the converted model\'s settings. Use it as',
-      '--config=<this file> --workdir=<this directory> with train / distill / evaluate /',
-      'generate. Written by the converter: edits are overwritten by the next conversion here.',
+      f'Base: {base} (the --config given to the converter), with the converted model\'s',
+      'settings. Use it as --config=<this file> --workdir=<this directory> with train / distill /',
+      'evaluate / generate / reproduce. Written by the converter: edits are overwritten by the',
+      'next conversion here.',
       '"""',
       '',
-      f'from configs import {base}',
+      'import importlib.util',
+      '',
+      f'BASE = {base!r}  # relative paths: from the directory the commands run in',
       '',
       '',
       'def get_config():',
-      f'  c = {base}.{make}()',
+      "  spec = importlib.util.spec_from_file_location('converted_base_config', BASE)",
+      '  base = importlib.util.module_from_spec(spec)',
+      '  spec.loader.exec_module(base)',
+      '  c = base.get_config()',
   ]
-  if base == 'common':
+  if config.data.tokenizer == 'bpe':
     lines.append(f'  c.data.vocab_size = {model["vocab_size"]}  # the bpe tokenizer must match')
   lines += [f'  c.model.{key} = {model[key]!r}' for key in MODEL_FIELDS]
-  lines.append(f'  c.distill.stages = {distill_stages(base_stages, student_ks)!r}')
+  lines.append(f'  c.distill.stages = {distill_stages(config.distill.stages, student_ks)!r}')
   lines += ['  return c', '']
   return '\n'.join(lines)
 
 
-def write_config(dst: str, manifest: dict) -> str:
-  student_ks = [entry['k'] for entry in manifest['exports'].values() if entry['kind'] == 'pflm']
-  path = os.path.join(dst, CONFIG)
-  with open(path, 'w') as f:
-    f.write(config_source(manifest['model'], student_ks))
-  return path
+def write_config(dst: str, manifest: dict, config) -> str:
+  path = epath.Path(dst) / CONFIG
+  path.write_text(config_source(manifest, config))
+  return str(path)

@@ -1,6 +1,6 @@
 """Random checkpoints in the authors' format: exactly the documented keys and PyTorch shapes.
 
-`python -m kforcing_jax.convert.synthetic --dst=F.safetensors|F.ckpt --kind=ar|pflm
+`python -m kforcing_jax.main.synthetic_checkpoint --dst=F.safetensors|F.ckpt --kind=ar|pflm
 --vocab_size=V --d_model=D --num_layers=L --num_heads=H --seed=S` writes one, so the
 converter's commands and tests run without the released files. .ckpt is a Lightning-style
 torch pickle {'state_dict': {'backbone.' + key: tensor}} (needs requirements-convert.txt);
@@ -10,9 +10,7 @@ torch pickle {'state_dict': {'backbone.' + key: tensor}} (needs requirements-con
 import os
 
 import numpy as np
-from absl import flags
 
-from kforcing_jax import cli
 from kforcing_jax.convert import errors, layout, reader
 
 
@@ -64,32 +62,9 @@ def write_checkpoint(path: str, state: dict[str, np.ndarray]) -> None:
     raise errors.ConversionError(f'{path}: write a .ckpt or a .safetensors file.')
 
 
-def define_flags():
-  """Defined only when run as a script: importing this module (the tests do, beside
-  generate.py's --seed) must not register flags."""
-  return {
-      'dst': flags.DEFINE_string('dst', None, 'Output file: .ckpt (torch pickle) or '
-                                 '.safetensors.'),
-      'kind': flags.DEFINE_enum('kind', 'ar', ['ar', 'pflm'], 'AR teacher or PFLM student keys.'),
-      'vocab_size': flags.DEFINE_integer('vocab_size', 256, 'V.'),
-      'd_model': flags.DEFINE_integer('d_model', 64, 'D.'),
-      'num_layers': flags.DEFINE_integer('num_layers', 2, 'L.'),
-      'num_heads': flags.DEFINE_integer('num_heads', 4, 'H.'),
-      'seed': flags.DEFINE_integer('seed', 0, 'Seed of the random values.'),
-  }
-
-
-def main(flag_values):
-  values = {name: flag.value for name, flag in flag_values.items()}
-  dims = layout.Dims(values['vocab_size'], values['d_model'], values['num_layers'],
-                     values['num_heads'])
-  state = random_state_dict(values['kind'], dims, values['seed'])
-  write_checkpoint(values['dst'], state)
-  print(f'wrote {values["dst"]}: {values["kind"]}, {len(state)} tensors, '
-        f'{layout.parameter_count(layout.expected_shapes(values["kind"], dims)):,} params')
-
-
-if __name__ == '__main__':
-  _FLAGS = define_flags()
-  flags.mark_flags_as_required(['dst'])
-  cli.run(lambda argv: main(_FLAGS))
+def write_random(path: str, kind: str, dims: layout.Dims, seed: int) -> str:
+  """Writes a random `kind` checkpoint with `dims` to `path`; returns a one-line summary."""
+  state = random_state_dict(kind, dims, seed)
+  write_checkpoint(path, state)
+  return (f'wrote {path}: {kind}, {len(state)} tensors, '
+          f'{layout.parameter_count(layout.expected_shapes(kind, dims)):,} params')
