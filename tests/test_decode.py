@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import decode, distill, train
+from kforcing_jax import decode, distill, models
 from kforcing_jax.models import FunctionalModel
-from kforcing_jax.models import student as student_lib
+from kforcing_jax.models.student import sinusoidal_features
 from tests.helpers import params as params_lib
 
 BATCH = 3
@@ -41,7 +41,7 @@ def random_params(model: FunctionalModel, seed: int) -> dict:
 
 @pytest.fixture(scope='module')
 def teacher():
-  model = train.teacher_model(tiny_config())
+  model = models.teacher(tiny_config())
   return model, random_params(model, 0)
 
 
@@ -52,8 +52,8 @@ def with_noise_sensitive_hints(params: dict) -> dict:
   enc = params['noise_encoder']
   d = enc['proj_bias'].shape[0]
   u = jnp.linspace(0.0, 1.0, 1001)
-  feats = jnp.concatenate([student_lib.sinusoidal_features(u, d),
-                           student_lib.sinusoidal_features(jnp.ones_like(u), d)], axis=-1)
+  feats = jnp.concatenate([sinusoidal_features(u, d),
+                           sinusoidal_features(jnp.ones_like(u), d)], axis=-1)
   enc['proj'] = 3.0 * enc['proj']
   enc['proj_bias'] = -feats.mean(0) @ enc['proj']
   return params
@@ -62,7 +62,7 @@ def with_noise_sensitive_hints(params: dict) -> dict:
 @pytest.fixture(scope='module')
 def student_params():
   """Random k_max=4 student params (any k_max <= 4 shares the same parameter tree)."""
-  model = distill.student_model(tiny_config(), 4)
+  model = models.student(tiny_config(), 4)
   return with_noise_sensitive_hints(random_params(model, 2))
 
 
@@ -87,7 +87,7 @@ def training_forward_argmax(model, params, tokens, u):
 
 @pytest.mark.parametrize('k_max, k', [(1, 1), (2, 2), (4, 4), (4, 2)])
 def test_pflm_decode_equals_all_windows_training_forward(student_params, k_max, k):
-  model = distill.student_model(tiny_config(), k_max)
+  model = models.student(tiny_config(), k_max)
   key = jax.random.key(11)
   prompts = random_prompts()
   out = np.asarray(decode.generate_pflm(model, student_params, prompts, key, 1.0,
@@ -113,7 +113,7 @@ def test_pflm_decode_equals_all_windows_training_forward(student_params, k_max, 
 
 
 def test_pflm_k_larger_than_k_max_is_a_clear_error(student_params):
-  model = distill.student_model(tiny_config(), 2)
+  model = models.student(tiny_config(), 2)
   with pytest.raises(ValueError, match=r'k=4 is larger than this student supports \(k_max=2\)'):
     decode.generate_pflm(model, student_params, random_prompts(), jax.random.key(0), 1.0,
                          gen_len=GEN_LEN, k=4)
@@ -147,7 +147,7 @@ def test_frequency_penalty_in_the_decode_loop(student_params, k):
       3.0 2.8 2.45 -> 1 | 2.5 2.8 2.45 -> 2 | 2.5 2.3 2.45 -> 1 | 2.0 2.3 2.45 -> 3
       2.0 2.3 1.95 -> 2 | 2.0 1.8 1.95 -> 1 | 1.5 1.8 1.95 -> 3 | 1.5 1.8 1.45 -> 2
   The prompt is all token 1: were it counted, the first pick would be 2."""
-  model = distill.student_model(tiny_config(), 4)
+  model = models.student(tiny_config(), 4)
   params = jax.tree.map(lambda x: x, student_params)
   params['backbone']['head'] = jnp.zeros_like(params['backbone']['head'])
   params['backbone']['head_bias'] = jnp.full((256,), -5.0).at[1:5].set([3.0, 2.8, 2.45, 1.0])
@@ -204,7 +204,7 @@ def test_eos_pads_after_the_first_generated_eos(teacher, student_params, kind):
     params = jax.tree.map(lambda x: x, params)
     params['head_bias'] = params['head_bias'].at[eos].set(4.0)  # EOS ~13% per step
   else:
-    model = distill.student_model(tiny_config(), 2)
+    model = models.student(tiny_config(), 2)
     params = jax.tree.map(lambda x: x, student_params)
     params['backbone']['head_bias'] = params['backbone']['head_bias'].at[eos].set(1.5)
 

@@ -1,23 +1,28 @@
-"""Evaluation metrics on constructed samples, the results schema, and `evaluate.run` end to end
-on a tiny workdir built here (random teacher and students exported where the pipeline puts them).
+"""Evaluation metrics on constructed samples, the results records (report.Results), and
+`evaluate.run` end to end on a tiny workdir built here (random teacher and students exported
+where the pipeline puts them).
 """
 
 import copy
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import checkpoints, distill, evaluate, roofline, sharding, train
+from kforcing_jax import checkpoints, evaluate, metrics, models, report, roofline, rundir
+from kforcing_jax import sharding, timing
 from tests.helpers import params as params_lib
 
 
 class IdTokenizer:
-  """Stand-in for the data tokenizer: ids as text."""
+  """Stand-in for the data tokenizer: ids as text (test_tiny's 256-token vocabulary)."""
+  name, vocab_size, mask_id = 'ids', 256, 0
 
   def decode(self, ids):
     return ' '.join(str(i) for i in ids)
@@ -42,21 +47,21 @@ random_params = params_lib.random_params
 
 def test_unigram_entropy_hand_computed():
   # row 0: two tokens with p = 1/2 each -> ln 2; row 1: one token -> 0; mean ln(2) / 2
-  assert evaluate.unigram_entropy([[5, 5, 7, 7], [3, 3, 3, 3]]) == pytest.approx(math.log(2) / 2)
+  assert metrics.unigram_entropy([[5, 5, 7, 7], [3, 3, 3, 3]]) == pytest.approx(math.log(2) / 2)
   # p = (1/2, 1/4, 1/4) -> 1.5 ln 2
-  assert evaluate.unigram_entropy([[1, 1, 2, 3]]) == pytest.approx(1.5 * math.log(2))
+  assert metrics.unigram_entropy([[1, 1, 2, 3]]) == pytest.approx(1.5 * math.log(2))
 
 
 def test_distinct_n_pooled_and_within_rows():
   rows = [[1, 2, 1, 2], [1, 2, 3, 4]]
   # bigrams (1,2) (2,1) (1,2) | (1,2) (2,3) (3,4): 4 unique of 6
-  assert evaluate.distinct_n(rows, 2) == pytest.approx(4 / 6)
+  assert metrics.distinct_n(rows, 2) == pytest.approx(4 / 6)
   # 4-grams (1,2,1,2) | (1,2,3,4): 2 of 2
-  assert evaluate.distinct_n(rows, 4) == pytest.approx(1.0)
+  assert metrics.distinct_n(rows, 4) == pytest.approx(1.0)
   # n-grams never span two rows: 2 + 2 bigrams, not 5
-  assert evaluate.distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 4)
+  assert metrics.distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 4)
   with pytest.raises(ValueError, match='4-grams'):
-    evaluate.distinct_n([[1, 2, 3]], 4)
+    metrics.distinct_n([[1, 2, 3]], 4)
 
 
 def test_perplexity_from_constructed_logits_counts_generated_tokens_only():
@@ -68,39 +73,54 @@ def test_perplexity_from_constructed_logits_counts_generated_tokens_only():
   logits[0, 2] = np.log([0.1, 0.2, 0.3, 0.4])       # token 3 = 3: p = 0.4
   logits[0, 3] = np.log([0.97, 0.01, 0.01, 0.01])   # predicts past the end: ignored
   expected = math.exp(-(math.log(0.25) + math.log(0.4)) / 2)
-  assert evaluate.perplexity_from_logits(logits, tokens, prefix_len) == pytest.approx(
+  assert metrics.perplexity_from_logits(logits, tokens, prefix_len) == pytest.approx(
       expected, rel=1e-5)
 
 
 def test_generative_perplexity_chunked_equals_one_forward(monkeypatch):
   config = tiny_config()
-  model = train.teacher_model(config)
+  model = models.teacher(config)
   params = random_params(model, 0)
   samples = np.asarray(jax.random.randint(jax.random.key(2), (5, 16), 1, 256), np.int32)
   logits, _ = jax.jit(lambda p, t: model.module(p)(t))(params, samples)
-  expected = evaluate.perplexity_from_logits(logits, samples, 4)
+  expected = metrics.perplexity_from_logits(logits, samples, 4)
   # 2 rows per chunk: 3 chunks, the last one padded with masked rows
-  monkeypatch.setattr(evaluate, 'NLL_CHUNK_ELEMENTS', 2 * 16 * 256)
-  assert evaluate.generative_perplexity(model, params, samples, 4) == pytest.approx(
+  monkeypatch.setattr(metrics, 'NLL_CHUNK_ELEMENTS', 2 * 16 * 256)
+  assert metrics.generative_perplexity(model, params, samples, 4) == pytest.approx(
       expected, rel=1e-5)
   assert expected > 1.0
 
 
-# ----------------------------------------------------------------------------- schema
+# ----------------------------------------------------------------------------- results
 
 def valid_results():
-  row = {'batch': 1, 'tokens_per_s': 100.0, 'forwards_per_token': 1.0, 'speedup_vs_ar': 1.0}
-  ar = {'name': 'ar', 'k': 0, 'decode_k': 1, 'gen_ppl_teacher': 10.0, 'gen_ppl_evaluator': None,
+  row = {'batch': 1, 'tokens_per_s': 100.0, 'forwards_per_token': 1.0, 'speedup_vs_ar': 1.0,
+         'seconds': 1.0, 'seconds_all': [1.0], 'decode_steps': 12}
+  ar = {'name': 'ar', 'kind': 'ar', 'k': 1, 'gen_ppl_teacher': 10.0, 'gen_ppl_evaluator': None,
         'entropy': 3.0, 'distinct_2': 0.9, 'distinct_4': 1.0, 'acc_total': None,
-        'throughput': [row]}
-  student = dict(ar, name='pflm_k2', k=2, decode_k=2, acc_total=0.5, gen_ppl_evaluator=12.0,
-                 throughput=[dict(row, forwards_per_token=0.5, speedup_vs_ar=1.8)])
-  return {'device': 'cpu', 'jax_version': jax.__version__, 'config': 'x.py', 'prefix_len': 6,
-          'gen_len': 128, 'models': [ar, student], 'extra_key': {'allowed': True}}
+        'throughput': [row], 'samples': [{'prompt': 'a', 'generated': 'b'}],
+        'temperature': 1.0, 'tau': None, 'freq_penalty': None}
+  student = dict(ar, name='pflm_k2', kind='pflm', k=2, acc_total=0.5, gen_ppl_evaluator=12.0,
+                 temperature=None, tau=1.0, freq_penalty=0.2,
+                 throughput=[dict(row, forwards_per_token=0.5, speedup_vs_ar=1.8,
+                                  decode_steps=6)])
+  return {'schema_version': 2, 'device': 'cpu', 'jax_version': jax.__version__,
+          'config': 'x.py', 'prefix_len': 6, 'gen_len': 128, 'eval_split': 'validation',
+          'num_samples': 2, 'batch_sizes': [1], 'repeats': 1, 'seed': 0,
+          'evaluator_workdir': None, 'speed_prompts': 'tiled', 'models': [ar, student],
+          'roofline': {}, 'config_values': {}, 'seconds': 1.0, 'extra_key': {'allowed': True}}
 
 
-def test_validate_results_accepts_the_schema():
-  evaluate.validate_results(valid_results())
+def test_results_round_trip_through_json():
+  results = report.Results.from_json(valid_results())
+  assert isinstance(results.models[1].throughput[0], report.Throughput)
+  assert (results.models[0].kind, results.models[0].k) == ('ar', 1)
+  assert results.models[1].samples[0] == report.Sample('a', 'b')
+  again = report.Results.from_json(json.loads(json.dumps(results.to_json())))
+  assert again == results
+  expected = valid_results()
+  del expected['extra_key']  # unknown keys are ignored on reading
+  assert results.to_json() == expected
 
 
 @pytest.mark.parametrize('mutate, message', [
@@ -112,29 +132,36 @@ def test_validate_results_accepts_the_schema():
     (lambda r: r['models'][0].__setitem__('gen_ppl_teacher', None), 'gen_ppl_teacher'),
     (lambda r: r['models'][0].__setitem__('gen_ppl_teacher', float('nan')), 'finite'),
     (lambda r: r['models'][1].__setitem__('acc_total', '0.5'), 'acc_total'),
+    (lambda r: r['models'][1]['throughput'][0].__setitem__('seconds_all', [1.0, 'x']),
+     r'seconds_all\[1\]'),
     (lambda r: r['models'][1].__setitem__('name', 'student_k2'), 'name'),
-    (lambda r: r['models'][1].__setitem__('name', 'ar'), 'duplicate'),
+    (lambda r: r['models'][1].__setitem__('name', 'pflm_k3'), 'name'),
+    (lambda r: r['models'][0].__setitem__('k', 0), 'name'),
+    (lambda r: r['models'][1].__setitem__('name', 'ar'), 'name'),
+    (lambda r: r['models'].__setitem__(1, dict(r['models'][0])), 'duplicate'),
     (lambda r: r['models'].reverse(), 'first model'),
     (lambda r: r.__setitem__('models', []), 'empty'),
     (lambda r: r['models'][0]['throughput'].__setitem__(0, [1, 2]), 'object'),
+    (lambda r: r.__setitem__('schema_version', 1), 'schema_version'),
+    (lambda r: r.pop('schema_version'), 'schema_version'),
 ])
-def test_validate_results_rejects_wrong_schema(mutate, message):
+def test_results_reject_wrong_schema(mutate, message):
   results = valid_results()
   mutate(results)
   with pytest.raises(ValueError, match=message):
-    evaluate.validate_results(results)
+    report.Results.from_json(results)
 
 
 # ----------------------------------------------------------------------------- roofline
 
-@pytest.mark.parametrize('decode_k', [0, 2])
-def test_analytic_step_flops_match_xla_cost_analysis(decode_k):
+@pytest.mark.parametrize('kind, k', [('ar', 1), ('pflm', 2)])
+def test_analytic_step_flops_match_xla_cost_analysis(kind, k):
   """Two independent counts of one decode step: by hand and by XLA (which also counts the
   softmax / sampling / penalty elementwise work the analytic count leaves out)."""
   config = tiny_config()
-  model = train.teacher_model(config) if decode_k == 0 else distill.student_model(config, 2)
-  xla = roofline.xla_step_cost(model, decode_k, 8, 16, freq_penalty=0.5)
-  analytic = roofline.analytic_step_cost(model, decode_k, 8, 16)
+  model = models.teacher(config) if kind == 'ar' else models.student(config, k)
+  xla = roofline.xla_step_cost(model, k, 8, 16, freq_penalty=0.5)
+  analytic = roofline.analytic_step_cost(model, k, 8, 16)
   assert analytic['flops'] == pytest.approx(xla['flops'], rel=0.15)
   assert xla['bytes'] >= 0.9 * analytic['bytes']  # analytic = the minimal traffic
 
@@ -160,14 +187,14 @@ def test_predicted_speedup_limits_and_crossover():
 # ----------------------------------------------------------------------------- end to end
 
 def build_workdir(root, config, stages=(1, 2), seed=0):
-  teacher = train.teacher_model(config)
-  checkpoints.export_params(os.path.join(root, 'teacher', 'params'),
+  teacher = models.teacher(config)
+  checkpoints.export_params(rundir.params_dir(rundir.teacher_dir(root)),
                             random_params(teacher, seed), {'kind': 'ar'})
   for k in stages:
-    student = distill.student_model(config, k)
-    checkpoints.export_params(os.path.join(distill.stage_dir(root, k), 'params'),
+    student = models.student(config, k)
+    checkpoints.export_params(rundir.params_dir(rundir.stage_dir(root, k)),
                               random_params(student, seed + 10 * k), {'kind': 'pflm', 'k': k})
-    with open(os.path.join(distill.stage_dir(root, k), 'eval.json'), 'w') as f:
+    with open(rundir.eval_path(rundir.stage_dir(root, k)), 'w') as f:
       json.dump({'k': k, 'acc_total': 0.5 / k}, f)
 
 
@@ -177,17 +204,36 @@ def test_evaluator_architecture_is_read_from_the_checkpoint(tmp_path):
   other.model.d_model = 32
   other.model.num_layers = 1
   other.model.num_heads = 2
-  evaluator = train.teacher_model(other)
+  evaluator = models.teacher(other)
   params = random_params(evaluator, 5)
-  checkpoints.export_params(str(tmp_path / 'eval_run' / 'teacher' / 'params'), params, {})
-  config.eval.evaluator_workdir = str(tmp_path / 'eval_run')
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  model, loaded = evaluate.load_evaluator(config, mesh, config.sharding_rules)
-  assert model == evaluator
-  np.testing.assert_array_equal(np.asarray(loaded['head']), np.asarray(params['head']))
+  eval_run = str(tmp_path / 'eval_run')
+  checkpoints.export_params(rundir.params_dir(rundir.teacher_dir(eval_run)), params, {})
+  config.eval.evaluator_workdir = eval_run
+  layout = sharding.single_device_layout()
+  loaded = evaluate.load_evaluator(config, layout, IdTokenizer())
+  assert loaded.model == evaluator
+  np.testing.assert_array_equal(np.asarray(loaded.params['head']), np.asarray(params['head']))
   config.eval.evaluator_workdir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='evaluator_workdir'):
-    evaluate.load_evaluator(config, mesh, config.sharding_rules)
+    evaluate.load_evaluator(config, layout, IdTokenizer())
+  config.eval.evaluator_workdir = ''
+  assert evaluate.load_evaluator(config, layout, IdTokenizer()) is None
+
+
+def test_time_batches_folds_the_key_per_batch_and_times_each():
+  rows = np.arange(10).reshape(5, 2)
+  calls = []
+
+  def decode_fn(prompts, key):
+    calls.append(int(jax.random.key_data(key)[-1]))
+    return prompts * 2
+
+  tokens, seconds = timing.time_batches(decode_fn, rows, 2, jax.random.key(3), n_warmup=1)
+  np.testing.assert_array_equal(tokens, rows * 2)
+  assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+  folded = [int(jax.random.key_data(jax.random.fold_in(jax.random.key(3), b))[-1])
+            for b in range(3)]
+  assert calls == [folded[0]] + folded  # the warm-up decodes batch 0 with its key
 
 
 def test_run_writes_a_valid_report(tmp_path):
@@ -199,33 +245,45 @@ def test_run_writes_a_valid_report(tmp_path):
   config.eval.evaluator_workdir = workdir
   prompts = np.asarray(jax.random.randint(jax.random.key(7), (2, 4), 1, 256), np.int32)
 
-  results = evaluate.run(config, workdir, prompts=prompts, tokenizer=IdTokenizer())
+  results = evaluate.run(config, workdir, prompts=prompts, tokenizer=IdTokenizer(),
+                         config_name='tiny.py')
 
-  report = os.path.join(workdir, 'report')
-  with open(os.path.join(report, 'results.json')) as f:
+  out = rundir.report_dir(workdir)
+  with open(os.path.join(out, 'results.json')) as f:
     on_disk = json.load(f)
-  evaluate.validate_results(on_disk)
+  assert report.Results.from_json(on_disk) == results
+  assert (on_disk['schema_version'], on_disk['config']) == (2, 'tiny.py')
   for name in ('REPORT.md', 'speedup.png', 'quality.png'):
-    assert os.path.getsize(os.path.join(report, name)) > 0
-  models = {m['name']: m for m in on_disk['models']}
-  assert list(models) == ['ar', 'pflm_k1', 'pflm_k2']
-  assert (models['ar']['k'], models['ar']['decode_k']) == (0, 1)
-  assert models['ar']['acc_total'] is None
-  assert models['pflm_k2']['acc_total'] == pytest.approx(0.25)
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  by_name = {m['name']: m for m in on_disk['models']}
+  assert list(by_name) == ['ar', 'pflm_k1', 'pflm_k2']
+  assert (by_name['ar']['kind'], by_name['ar']['k']) == ('ar', 1)
+  assert (by_name['pflm_k2']['kind'], by_name['pflm_k2']['k']) == ('pflm', 2)
+  assert by_name['ar']['acc_total'] is None
+  assert by_name['pflm_k2']['acc_total'] == pytest.approx(0.25)
   for m in on_disk['models']:
     assert m['gen_ppl_evaluator'] == pytest.approx(m['gen_ppl_teacher'], rel=1e-5)
     assert [r['batch'] for r in m['throughput']] == [1, 2]
   # 12 new tokens: AR 12 forwards, k=2 6 forwards
-  assert models['ar']['throughput'][0]['forwards_per_token'] == 1.0
-  assert models['pflm_k2']['throughput'][1]['forwards_per_token'] == pytest.approx(0.5)
-  assert models['ar']['throughput'][1]['speedup_vs_ar'] == 1.0
+  assert by_name['ar']['throughput'][0]['forwards_per_token'] == 1.0
+  assert by_name['pflm_k2']['throughput'][1]['forwards_per_token'] == pytest.approx(0.5)
+  assert by_name['ar']['throughput'][1]['speedup_vs_ar'] == 1.0
   assert on_disk['roofline']['models'][2]['steps'] == 6
-  text = open(os.path.join(report, 'REPORT.md')).read()
+  text = open(os.path.join(out, 'REPORT.md')).read()
   assert '## Roofline' in text and 'pflm_k2' in text
-  assert results['models'][0]['samples'][0]['prompt'] == ' '.join(map(str, prompts[0]))
+  assert results.models[0].samples[0].prompt == ' '.join(map(str, prompts[0]))
 
   # a second run finds results.json and skips
-  stamp = os.path.getmtime(os.path.join(report, 'results.json'))
+  stamp = os.path.getmtime(os.path.join(out, 'results.json'))
   again = evaluate.run(config, workdir, prompts=prompts, tokenizer=IdTokenizer())
-  assert os.path.getmtime(os.path.join(report, 'results.json')) == stamp
-  assert again['models'][1]['gen_ppl_teacher'] == on_disk['models'][1]['gen_ppl_teacher']
+  assert os.path.getmtime(os.path.join(out, 'results.json')) == stamp
+  assert again.models[1].gen_ppl_teacher == on_disk['models'][1]['gen_ppl_teacher']
+
+
+def test_mains_parse_their_flags():
+  for main in ('evaluate', 'generate'):
+    out = subprocess.run([sys.executable, '-m', f'kforcing_jax.main.{main}', '--helpfull'],
+                         capture_output=True, text=True, check=False,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert '--config' in out.stdout, out.stderr[-2000:]
+    assert ('--force' if main == 'evaluate' else '--student') in out.stdout

@@ -1,0 +1,40 @@
+"""Print completions for text prompts: `python -m kforcing_jax.main.generate --config=...
+--workdir=DIR --prompt="To be, or not" [--student=4 [--k=2]] [--seed=0]`.
+
+Without --student: the AR teacher, sampled at config.decode.temperature. --student=K: the
+student of distillation stage K, decoding --k tokens per step (default K) at tau = 1 with the
+frequency penalty of config.decode.freq_penalty. Stops at EOS."""
+
+import jax
+from absl import flags
+
+from kforcing_jax import cli, data, decode, progress, rundir, sharding
+
+_PROMPTS = flags.DEFINE_multi_string('prompt', ['To be, or not to be'], 'Prompt text(s).')
+_STUDENT = flags.DEFINE_integer('student', None, 'Student stage K (default: the AR teacher).')
+_K = flags.DEFINE_integer('k', None, 'Tokens per step for the student (default: its K).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Noise seed.')
+
+
+def generate(config, workdir: str, *, prompts: list[str], student: int | None,
+             k: int | None, seed: int) -> None:
+  if student is None and k is not None:
+    raise ValueError('--k is the tokens per step of a student: pass --student=K as well.')
+  layout = sharding.layout_from_config(config)
+  tokenizer = data.load_tokenizer(config)
+  data.check_vocab(config, tokenizer)
+  directory = rundir.model_dir(workdir, 'ar' if student is None else 'pflm', k=student)
+  export = rundir.load_export(directory, layout, config=config, tokenizer=tokenizer)
+  k = export.k if k is None else k
+  shortest = min(len(tokenizer.encode(p)) for p in prompts)
+  dec = decode.decoder(export, layout, gen_len=max(config.decode.gen_len, shortest + 1), k=k,
+                       eos_id=tokenizer.eos_id, penalty=decode.freq_penalty(config, k),
+                       temperature=config.decode.temperature)
+  for prompt, text in zip(prompts, decode.complete(dec, tokenizer, prompts,
+                                                   jax.random.key(seed))):
+    progress.log(f'--- {dec.name} (from {export.name}) | prompt: {prompt!r}\n{text}\n')
+
+
+if __name__ == '__main__':
+  cli.main(generate, prompts=lambda: _PROMPTS.value, student=lambda: _STUDENT.value,
+           k=lambda: _K.value, seed=lambda: _SEED.value)

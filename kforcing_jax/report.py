@@ -1,0 +1,353 @@
+"""Evaluation results as typed records, and what is written from them: results.json, REPORT.md
+(quality and speed tables, the roofline section, decoded samples) and the plots.
+
+results.json is `Results.to_json()` (schema_version 2); `Results.from_json` reads it back and
+is the schema check: every field present with its type (floats finite; null only where a
+field is Optional), model names "ar" / "pflm_k{k}" matching their kind and k, unique, the AR
+teacher first. Keys a reader does not know are ignored. The AR teacher is kind 'ar', k = 1.
+"""
+
+import dataclasses
+import functools
+import math
+import re
+import types
+import typing
+from typing import Any
+
+from etils import epath
+
+from kforcing_jax import progress
+
+SCHEMA_VERSION = 2
+MODEL_NAME = re.compile(r'^(ar|pflm_k([1-9][0-9]*))$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """One decoder at one batch size: the median of the interleaved rounds (timing.py)."""
+  batch: int
+  tokens_per_s: float
+  forwards_per_token: float
+  speedup_vs_ar: float
+  seconds: float
+  seconds_all: list[float]
+  decode_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  prompt: str
+  generated: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelResult:
+  """One model's quality, speed and decode settings. k: tokens per decode step (AR: 1)."""
+  name: str
+  kind: str
+  k: int
+  gen_ppl_teacher: float
+  gen_ppl_evaluator: float | None
+  entropy: float
+  distinct_2: float
+  distinct_4: float
+  acc_total: float | None
+  throughput: list[Throughput]
+  samples: list[Sample]
+  temperature: float | None = None  # AR sampling
+  tau: float | None = None  # students
+  freq_penalty: float | None = None
+
+  def __post_init__(self):
+    match = MODEL_NAME.match(self.name)
+    expected = None if match is None else ('ar', 1) if match.group(2) is None else (
+        'pflm', int(match.group(2)))
+    if expected != (self.kind, self.k):
+      raise ValueError(f'results: model name {self.name!r} with kind={self.kind!r}, k={self.k}: '
+                       'expected "ar" (kind ar, k 1) or "pflm_k<k>" (kind pflm).')
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+  """Everything one evaluation measured (REPORT.md is written from it)."""
+  device: str
+  jax_version: str
+  config: str
+  prefix_len: int
+  gen_len: int
+  eval_split: str
+  num_samples: int
+  batch_sizes: list[int]
+  repeats: int
+  seed: int
+  evaluator_workdir: str | None
+  speed_prompts: str
+  models: list[ModelResult]
+  roofline: dict
+  config_values: dict
+  seconds: float
+  schema_version: int = SCHEMA_VERSION
+
+  def __post_init__(self):
+    names = [m.name for m in self.models]
+    if not names:
+      raise ValueError('results: models is empty.')
+    if len(set(names)) != len(names):
+      raise ValueError(f'results: duplicate model names {names}.')
+    if names[0] != 'ar':
+      raise ValueError(f'results: the first model must be "ar" (the reference), got '
+                       f'{names[0]!r}.')
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, obj) -> 'Results':
+    """The Results in a results.json object; ValueError naming the first problem."""
+    if isinstance(obj, dict) and obj.get('schema_version') != SCHEMA_VERSION:
+      raise ValueError(f'results.json has schema_version {obj.get("schema_version")}, this '
+                       f'code reads {SCHEMA_VERSION}: re-run the evaluation (--force).')
+    return _build(cls, obj, 'top level')
+
+
+# ----------------------------------------------------------------------------- type checks
+
+def _parse(value, hint, where: str) -> Any:
+  """`value` checked against the type annotation `hint` (dataclasses built recursively)."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+      return None  # every union here is `X | None`
+    hint = options[0]
+  if dataclasses.is_dataclass(hint):
+    return _build(hint, value, where)
+  if typing.get_origin(hint) is list:
+    if isinstance(value, list):
+      return [_parse(v, typing.get_args(hint)[0], f'{where}[{i}]') for i, v in enumerate(value)]
+  if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if not math.isfinite(value):
+      raise ValueError(f'results.json: {where} = {value} is not a finite number.')
+    return float(value)
+  if hint is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if hint in (str, dict) and isinstance(value, hint):
+    return value
+  expected = 'list' if typing.get_origin(hint) is list else hint.__name__
+  raise ValueError(f'results.json: {where} should be {expected}, got {type(value).__name__} '
+                   f'{value!r:.80}.')
+
+
+def _build(cls, obj, where: str):
+  if not isinstance(obj, dict):
+    raise ValueError(f'results.json: {where} should be an object, got {type(obj).__name__}.')
+  fields = dataclasses.fields(cls)
+  missing = [f.name for f in fields
+             if f.name not in obj and f.default is dataclasses.MISSING]
+  if missing:
+    raise ValueError(f'results.json: {where} is missing keys {missing}.')
+  hints = typing.get_type_hints(cls)
+  return cls(**{f.name: _parse(obj[f.name], hints[f.name], f'{where}.{f.name}')
+                for f in fields if f.name in obj})
+
+
+# ----------------------------------------------------------------------------- files
+
+def results_path(report_dir: str) -> str:
+  return str(epath.Path(report_dir) / 'results.json')
+
+
+def read(report_dir: str) -> Results | None:
+  """The Results in <report_dir>/results.json, None when there is none."""
+  obj = progress.read_json(results_path(report_dir))
+  return None if obj is None else Results.from_json(obj)
+
+
+def write(report_dir: str, results: Results) -> None:
+  """results.json (checked: it must read back), REPORT.md, speedup.png and quality.png."""
+  obj = results.to_json()
+  Results.from_json(obj)
+  directory = epath.Path(report_dir)
+  progress.write_json(directory / 'results.json', obj)
+  (directory / 'REPORT.md').write_text(markdown(results))
+  plot(directory / 'speedup.png', functools.partial(_draw_speedup, results))
+  plot(directory / 'quality.png', functools.partial(_draw_quality, results), ncols=2,
+       figsize=(8, 3.5))
+
+
+def plot(path, draw, *, ncols: int = 1, figsize=(6, 4)) -> None:
+  """One row of `ncols` axes drawn by draw(axes), saved as a PNG at `path` (any epath)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, ncols, figsize=figsize)
+  try:
+    draw(axes)
+    fig.tight_layout()
+    with epath.Path(path).open('wb') as f:
+      fig.savefig(f, format='png', dpi=120)
+  finally:
+    plt.close(fig)
+
+
+def _draw_speedup(results: Results, ax) -> None:
+  predicted = {m['name']: m for m in results.roofline['models']}
+  for model in results.models[1:]:
+    line, = ax.plot([r.batch for r in model.throughput],
+                    [r.speedup_vs_ar for r in model.throughput], 'o-', label=f'k={model.k} measured')
+    curve = predicted[model.name]['predicted_curve']
+    ax.plot([c[0] for c in curve], [c[1] for c in curve], '--', color=line.get_color(),
+            alpha=0.7, label=f'k={model.k} roofline')
+  ax.axhline(1.0, color='black', linewidth=1)
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('batch size')
+  ax.set_ylabel('speed-up vs AR (tokens/s)')
+  ax.set_title(f'K-Forcing decode speed-up on {results.device}', fontsize=9)
+  ax.legend(fontsize=7)
+
+
+def _draw_quality(results: Results, axes) -> None:
+  ar, students = results.models[0], results.models[1:]
+  ks = [m.k for m in students]
+  for ax, key, label in ((axes[0], 'gen_ppl_teacher', 'generative perplexity'),
+                         (axes[1], 'entropy', 'unigram entropy (nats)')):
+    ax.plot(ks, [getattr(m, key) for m in students], 'o-',
+            label='student' + (' (under the teacher)' if key == 'gen_ppl_teacher' else ''))
+    ax.axhline(getattr(ar, key), color='black', linestyle='--', label='AR teacher samples')
+    if key == 'gen_ppl_teacher' and ar.gen_ppl_evaluator is not None:
+      ax.plot(ks, [m.gen_ppl_evaluator for m in students], 's-',
+              label='student (under the evaluator)')
+      ax.axhline(ar.gen_ppl_evaluator, color='gray', linestyle=':',
+                 label='AR samples (evaluator)')
+    ax.set_xlabel('k (tokens per forward)')
+    ax.set_ylabel(label)
+    if ks:
+      ax.set_xticks(ks)
+    ax.legend(fontsize=7)
+
+
+# ----------------------------------------------------------------------------- REPORT.md
+
+def _fmt(value, spec: str = '.2f') -> str:
+  return 'n/a' if value is None else format(value, spec)
+
+
+def markdown(results: Results) -> str:
+  models = results.models
+  lines = [
+      '# K-Forcing evaluation', '',
+      f'Device: {results.device}; JAX {results.jax_version}; config `{results.config}`.', '',
+      f'{results.num_samples} prompts of {results.prefix_len} tokens from the '
+      f'`{results.eval_split}` split, decoded to {results.gen_len} tokens (fixed length, no '
+      'EOS stop) with one shared noise key. Metrics use the generated tokens only. AR: '
+      f'ancestral sampling at temperature {models[0].temperature}; students: their own k, '
+      'tau = 1, frequency penalty lambda.', '',
+      '## Quality', '',
+      '| model | kind | k | lambda | gen. ppl (teacher) | gen. ppl (evaluator) | entropy | '
+      'distinct-2 | distinct-4 | acc_total |',
+      '|---|---|---|---|---|---|---|---|---|---|']
+  for m in models:
+    lines.append(f'| {m.name} | {m.kind} | {m.k} | {_fmt(m.freq_penalty)} | '
+                 f'{m.gen_ppl_teacher:.2f} | {_fmt(m.gen_ppl_evaluator)} | {m.entropy:.3f} | '
+                 f'{m.distinct_2:.3f} | {m.distinct_4:.3f} | {_fmt(m.acc_total, ".3f")} |')
+  lines += ['', 'acc_total: the stage\'s held-out agreement with its teacher under shared noise '
+            '(all k tokens of a window right; from the stage\'s eval.json).', '',
+            '## Speed', '',
+            f'Tokens/s of the whole generation (median of {results.repeats} interleaved rounds '
+            'after a warm-up; speed-up vs AR in parentheses).', '',
+            '| batch | ' + ' | '.join(m.name for m in models) + ' |',
+            '|---|' + '---|' * len(models)]
+  for i, row in enumerate(models[0].throughput):
+    cells = [f'{r.tokens_per_s:.0f} ({r.speedup_vs_ar:.2f}x)'
+             for r in (m.throughput[i] for m in models)]
+    lines.append(f'| {row.batch} | ' + ' | '.join(cells) + ' |')
+  lines.append('| forwards / token | ' + ' | '.join(
+      f'{m.throughput[0].forwards_per_token:.3f}' for m in models) + ' |')
+  lines += ['', '![speed-up](speedup.png)', '', '![quality](quality.png)', '']
+  lines += roofline_markdown(results) + roofline_prose(results.roofline)
+  lines += ['', '## Samples', '']
+  for m in models:
+    lines += [f'### {m.name}', '']
+    for sample in m.samples:
+      lines += ['```text', f'[prompt] {sample.prompt}', f'[generated] {sample.generated}',
+                '```']
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def roofline_markdown(results: Results) -> list[str]:
+  """The roofline section's tables: step costs, and predicted vs measured speed-up per batch."""
+  rf = results.roofline
+  p, bw = rf['peak_flops_per_s'], rf['bandwidth_bytes_per_s']
+  lines = [
+      '## Roofline', '',
+      f'Measured on this device: peak {p / 1e9:.1f} GFLOP/s ({rf["peak_measurement"]["dtype"]} '
+      f'{rf["peak_measurement"]["matmul_size"]}^2 matmul), memory bandwidth {bw / 1e9:.1f} GB/s '
+      f'(best of a {rf["bandwidth_measurement"]["array_bytes"] >> 20} MiB reduction and copy), '
+      f'ridge point {rf["ridge_flops_per_byte"]:.1f} FLOP/byte.', '',
+      f'Per-step cost: {rf["cost_source"]}. Both are affine in the batch B: cost = const + '
+      'per_row * B (weights are read once per step whatever B is). Predicted step time = '
+      'max(FLOPs / peak, bytes / bandwidth); predicted speed-up = steps_AR * t_AR / '
+      '(steps_k * t_k).', '',
+      f'| model | steps | FLOPs/step const | FLOPs/step per row | bytes/step const | '
+      f'bytes/step per row | XLA / analytic FLOPs at B={rf["models"][0]["xla"]["batch"]} | '
+      'XLA / analytic bytes |',
+      '|---|---|---|---|---|---|---|---|']
+  for m in rf['models']:
+    a, x = m['analytic'], m['xla']
+    lines.append(f'| {m["name"]} | {m["steps"]} | {a["flops"]["const"]:.3g} | '
+                 f'{a["flops"]["per_row"]:.3g} | {a["bytes"]["const"]:.3g} | '
+                 f'{a["bytes"]["per_row"]:.3g} | {x["flops_vs_analytic"]:.2f} | '
+                 f'{x["bytes_vs_analytic"]:.2f} |')
+  lines += ['', 'XLA counts the operands and results of every unfused op, so its bytes are an '
+            'upper bound on memory traffic; the analytic bytes are the minimum (weights, KV '
+            'cache, logits once).']
+  ar, students = rf['models'][0], rf['models'][1:]
+  lines += ['', '| batch | AR regime | ' + ' | '.join(
+      f'{m["name"]} predicted / measured' for m in students) + ' |',
+      '|---|---|' + '---|' * len(students)]
+  measured = {m.name: m for m in results.models}
+  for i, row in enumerate(ar['per_batch']):
+    cells = [f'{m["per_batch"][i]["predicted_speedup_vs_ar"]:.2f} / '
+             f'{measured[m["name"]].throughput[i].speedup_vs_ar:.2f} '
+             f'({m["per_batch"][i]["regime"]})' for m in students]
+    lines.append(f'| {row["batch"]} | {row["regime"]} | ' + ' | '.join(cells) + ' |')
+  return lines + ['']
+
+
+def _from_batch(value) -> str:
+  return 'never' if value is None else f'from B ~ {max(value, 1):.0f}'
+
+
+def roofline_prose(rf: dict) -> list[str]:
+  """Per student: predicted speed-ups and crossovers; then why, from the AR step's intensity."""
+  ar, students = rf['models'][0], rf['models'][1:]
+  lines = []
+  for m in students:
+    pred, meas = m['predicted_crossover_batch'], m['measured_crossover_batch']
+    lines.append(
+        f'- {m["name"]}: predicted speed-up {m["predicted_speedup_batch_1"]:.2f}x at B=1, '
+        f'{m["predicted_speedup_large_batch"]:.2f}x as B grows without bound (steps ratio '
+        f'{ar["steps"] / m["steps"]:.2f}); crosses 1 at B = '
+        + (f'{pred:.0f}' if pred else 'never (in 1..2^20)') + ' predicted, '
+        + (f'{meas:.0f}' if meas else 'not between the measured batch sizes') + ' measured. '
+        f'Each step runs 2k = {2 * m["k"]} slots and k = {m["k"]} output-head rows.')
+  small, large = ar['per_batch'][0], ar['per_batch'][-1]
+  return lines + [
+      '', f'Why: the AR step\'s arithmetic intensity is {small["intensity_flops_per_byte"]:.2f} '
+      f'FLOP/byte at B={small["batch"]} and {large["intensity_flops_per_byte"]:.2f} at '
+      f'B={large["batch"]}, against a ridge point of {rf["ridge_flops_per_byte"]:.1f}; it is '
+      f'compute-bound {_from_batch(ar["compute_bound_from_batch"])}, the k-token steps '
+      + ', '.join(f'{m["name"]} {_from_batch(m["compute_bound_from_batch"])}'
+                  for m in students) + '. '
+      'While a step is memory-bound its time is set by the bytes, dominated at small batch by '
+      'the weights every step streams once whatever its width, so a k-token step costs about '
+      'as much as an AR step and the student wins by needing k times fewer steps. FLOPs grow '
+      'with B times the slots per step, and a k-token step runs 2k slots (k tokens + k hints) '
+      'to emit k tokens, so it turns compute-bound at a smaller batch than the AR step; once '
+      'both are, it does about twice the work per emitted token (the output head, k rows for k '
+      'tokens, is the shared part) and the speed-up falls below 1. KV-cache reads grow with B '
+      'too and keep large batches partly memory-bound. The roofline ignores fixed per-step '
+      'costs (kernel launches, while-loop iterations, host dispatch), which dominate small '
+      'models at small batch and favour the student (fewer steps): compare predicted and '
+      'measured step times in results.json (roofline.models[*].per_batch).']
