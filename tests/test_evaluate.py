@@ -287,3 +287,15 @@ def test_mains_parse_their_flags():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert '--config' in out.stdout, out.stderr[-2000:]
     assert ('--force' if main == 'evaluate' else '--student') in out.stdout
+
+
+def test_decode_speed_benchmark_writes_speedups(tmp_path):
+  from kforcing_jax.benchmarks import decode_speed
+  config = tiny_config(batch_sizes=(2,))
+  output = str(tmp_path / 'bench' / 'speed.json')
+  decode_speed.benchmark(config, output, [2], repeats=1)
+  with open(output) as f:
+    result = json.load(f)
+  assert set(result['speedup_vs_ar']) == {'ar', 'pflm_k2'}
+  assert result['speedup_vs_ar']['ar'] == {'2': 1.0}
+  assert result['throughput']['pflm_k2'][0]['decode_steps'] == 6  # 12 new tokens, 2 per step

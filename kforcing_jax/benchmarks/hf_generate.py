@@ -19,18 +19,15 @@ untied head): parameter counts are reported for both. The JSON goes to --output 
 next to it (same name, .png).
 """
 
-import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from kforcing_jax import cli, decode, distributed
-from kforcing_jax.models import FunctionalModel, backbone_config
+from kforcing_jax import cli, decode, models, progress, report, timing
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Where the JSON result goes (plot: same, .png).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '4', '16', '64', '256'], 'Batch sizes.')
@@ -69,17 +66,11 @@ def hf_generate(model, prompts, new_tokens: int):
 
 
 def timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
+  return timing.seconds(fn)[0]
 
 
-def plot(result: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+def draw(result: dict, ax) -> None:
   batches = [r['batch'] for r in result['results']]
-  fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot(batches, [r['hf_tokens_per_s'] for r in result['results']], 'o-',
           label=f'HF transformers {result["transformers_version"]} (torch, CPU)')
   ax.plot(batches, [r['jax_tokens_per_s'] for r in result['results']], 's-',
@@ -90,9 +81,6 @@ def plot(result: dict, path: str) -> None:
   ax.set_ylabel('generated tokens / s')
   ax.set_title(f'AR decoding, {result["new_tokens"]} new tokens, {result["device"]}', fontsize=9)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def run(config, output: str, batch_sizes, new_tokens: int, prefix_len: int, repeats: int,
@@ -104,7 +92,7 @@ def run(config, output: str, batch_sizes, new_tokens: int, prefix_len: int, repe
   mc = config.model
   gen_len = prefix_len + new_tokens
   hf = hf_model(mc, gen_len)
-  ours = FunctionalModel(backbone_config(mc), 'ar')
+  ours = models.teacher(config)
   params = jax.jit(ours.init)(jax.random.key(seed))
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
@@ -128,8 +116,8 @@ def run(config, output: str, batch_sizes, new_tokens: int, prefix_len: int, repe
            'jax_seconds': jax_s, 'hf_warmup_s': warm[0], 'jax_warmup_compile_s': warm[1]}
     row['jax_over_hf'] = row['jax_tokens_per_s'] / row['hf_tokens_per_s']
     rows.append(row)
-    print(f'[hf_generate] batch {batch}: HF {row["hf_tokens_per_s"]:.0f} tok/s, ours '
-          f'{row["jax_tokens_per_s"]:.0f} tok/s ({row["jax_over_hf"]:.2f}x)', flush=True)
+    progress.log(f'[hf_generate] batch {batch}: HF {row["hf_tokens_per_s"]:.0f} tok/s, ours '
+                 f'{row["jax_tokens_per_s"]:.0f} tok/s ({row["jax_over_hf"]:.2f}x)')
   result = {
       'device': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
       'jax_device': str(jax.devices()[0].device_kind), 'torch_version': torch.__version__,
@@ -145,21 +133,14 @@ def run(config, output: str, batch_sizes, new_tokens: int, prefix_len: int, repe
                              'use_cache': True, 'max_new_tokens': new_tokens,
                              'min_new_tokens': new_tokens},
       'results': rows}
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, 'w') as f:
-    json.dump(result, f, indent=2)
-  plot(result, os.path.splitext(output)[0] + '.png')
-  print(f'[hf_generate] wrote {output}', flush=True)
+  progress.write_json(output, result)
+  report.plot(os.path.splitext(output)[0] + '.png', lambda ax: draw(result, ax))
+  progress.log(f'[hf_generate] wrote {output}')
   return result
 
 
-def main(argv):
-  del argv
-  distributed.initialize()
-  run(cli.CONFIG.value, _OUTPUT.value, [int(b) for b in _BATCH_SIZES.value], _NEW_TOKENS.value,
-      _PREFIX_LEN.value, _REPEATS.value, _THREADS.value, _SEED.value)
-
-
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'output'])
-  app.run(main)
+  flags.mark_flags_as_required(['output'])
+  cli.main(lambda config, workdir: run(
+      config, _OUTPUT.value, [int(b) for b in _BATCH_SIZES.value], _NEW_TOKENS.value,
+      _PREFIX_LEN.value, _REPEATS.value, _THREADS.value, _SEED.value))
