@@ -32,7 +32,8 @@ def generate(config, workdir: str, *, prompts: list[str], student: int | None,
                        temperature=config.decode.temperature)
   for prompt, text in zip(prompts, decode.complete(dec, tokenizer, prompts,
                                                    jax.random.key(seed))):
-    progress.log(f'--- {dec.name} (from {export.name}) | prompt: {prompt!r}\n{text}\n')
+    name = dec.name if dec.name == export.name else f'{dec.name} of {export.name}'
+    progress.log(f'--- {name} | prompt: {prompt!r}\n{text}\n')
 
 
 if __name__ == '__main__':
