@@ -2,7 +2,7 @@
 # Multi-GPU node(s): install this project with CUDA JAX, then run a command.
 #
 #   launch/gpu_node.sh install                      # .venv with requirements-gpu.txt
-#   launch/gpu_node.sh run python -m kforcing_jax.train --config=configs/owt_ar.py \
+#   launch/gpu_node.sh run python -m kforcing_jax.main.train --config=configs/owt_ar.py \
 #       --workdir=/shared/runs/owt --config.data.data_dir=/shared/tensorflow_datasets
 #
 # One node: one process drives all its GPUs (config.mesh_shape spreads them). Several nodes:
@@ -34,7 +34,7 @@ cmd_install() {
 }
 
 cmd_run() {
-  [[ $# -gt 0 ]] || die "run needs a command, e.g. run python -m kforcing_jax.train --config=..."
+  [[ $# -gt 0 ]] || die "run needs a command, e.g. run python -m kforcing_jax.main.train --config=..."
   cd "$ROOT"
   local argv=("$@")
   [[ "${argv[0]}" == python || "${argv[0]}" == python3 ]] && argv[0]=.venv/bin/python

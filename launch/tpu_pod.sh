@@ -7,7 +7,7 @@
 #   launch/tpu_pod.sh create
 #   launch/tpu_pod.sh install            # ships `git archive HEAD`, builds .venv on every worker
 #   BUCKET=gs://my-bucket launch/tpu_pod.sh mount   # gcsfuse at /mnt/gcs on every worker
-#   launch/tpu_pod.sh run python -m kforcing_jax.train --config=configs/lm1b_ar.py \
+#   launch/tpu_pod.sh run python -m kforcing_jax.main.train --config=configs/lm1b_ar.py \
 #       --workdir=/mnt/gcs/runs/lm1b --config.data.data_dir=/mnt/gcs/tensorflow_datasets
 #   launch/tpu_pod.sh start python -m ...  # the same, detached (nohup); output in run.log
 #   launch/tpu_pod.sh logs 0             # follow worker 0's run.log
@@ -76,7 +76,7 @@ cmd_install() {
 
 # The remote form of a user command: repo dir, the venv's python, distributed start-up on.
 remote_command() {
-  [[ $# -gt 0 ]] || die "needs a command, e.g. run python -m kforcing_jax.train --config=..."
+  [[ $# -gt 0 ]] || die "needs a command, e.g. run python -m kforcing_jax.main.train --config=..."
   local argv=("$@")
   [[ "${argv[0]}" == python || "${argv[0]}" == python3 ]] && argv[0]=.venv/bin/python
   printf 'cd %s && KFORCING_DISTRIBUTED=1 ' "$REMOTE_DIR"

@@ -61,7 +61,7 @@ def _wait_for(path: Path, seconds: float = 20.0) -> dict:
   return json.loads(path.read_text())
 
 
-USER_ARGS = ['-m', 'kforcing_jax.train', '--config=configs/lm1b_ar.py',
+USER_ARGS = ['-m', 'kforcing_jax.main.train', '--config=configs/lm1b_ar.py',
              '--workdir=gs://bucket/runs/a b', "--config.train.steps=10; echo 'pwned'"]
 
 
@@ -112,10 +112,10 @@ def test_tpu_create_passes_accelerator_and_spot(fake_cloud):
 def test_gpu_multinode_appends_distributed_flags(tmp_path):
   env = dict(os.environ, DRY_RUN='1', NUM_NODES='2', NODE_RANK='1', COORDINATOR='node0:12355')
   proc = subprocess.run(['bash', str(ROOT / 'launch/gpu_node.sh'), 'run', 'python', '-m',
-                         'kforcing_jax.train', '--config=configs/owt_ar.py'],
+                         'kforcing_jax.main.train', '--config=configs/owt_ar.py'],
                         env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.split() == ['.venv/bin/python', '-m', 'kforcing_jax.train',
+  assert proc.stdout.split() == ['.venv/bin/python', '-m', 'kforcing_jax.main.train',
                                  '--config=configs/owt_ar.py', '--coordinator_address=node0:12355',
                                  '--num_processes=2', '--process_id=1']
   del env['NODE_RANK']
