@@ -159,8 +159,14 @@ def test_check_vocab_names_both_numbers_and_the_fix(tiny_data_config):
   tok = data.load_tokenizer(tiny_data_config)
   data.check_vocab(tiny_data_config, tok)
   tiny_data_config.model.vocab_size = 512
-  with pytest.raises(ValueError, match=r'vocab_size=512 .* 256 ids.*--config.model.vocab_size=256'):
+  with pytest.raises(ValueError, match=r'vocab_size=512 .* 256 ids.*--config.model.vocab_size=256'
+                                       r' \(or --config.data.vocab_size=512 to train'):
     data.check_vocab(tiny_data_config, tok)
+  tiny_data_config.data.vocab_size = 512  # asked for more than the train split could give
+  with pytest.raises(ValueError, match=r'vocab_size=256 \(the train split has too little text '
+                                       r'for a 512-token BPE\)\.$'):
+    data.check_vocab(tiny_data_config, tok)
+  tiny_data_config.data.vocab_size = 256
   tiny_data_config.model.vocab_size, tiny_data_config.model.mask_id = 256, 103
   with pytest.raises(ValueError, match=r'mask_id=103 .* 0.*--config.model.mask_id=0'):
     data.check_vocab(tiny_data_config, tok)
@@ -483,7 +489,7 @@ def _write_own_folder(folder: Path) -> dict[str, str]:
   return expected
 
 
-def test_own_folder_prepares_trains_a_bpe_packs_and_batches(tmp_path):
+def test_own_folder_prepares_trains_a_bpe_packs_and_batches(tmp_path, capsys):
   expected = _write_own_folder(tmp_path / 'mytext')
   validation, test = _held_out(expected)
   assert (len(validation), len(test)) == (4, 4)  # 5% of 70 documents, rounded
@@ -492,6 +498,8 @@ def test_own_folder_prepares_trains_a_bpe_packs_and_batches(tmp_path):
   config.data.data_dir = str(tmp_path / 'data')
 
   summary = data.prepare(config)
+  assert ('[data] warning: evaluation takes its 32 prompts from test documents, and test has 4: '
+          'pass --config.eval.num_samples=4') in capsys.readouterr().out
   held = {'validation': validation, 'test': test}
   for split, keys in held.items():
     assert summary[split].documents == len(keys)

@@ -161,7 +161,8 @@ def document_prefixes(config: ml_collections.ConfigDict, split: str, num: int, p
       if len(prefixes) == num:
         return np.asarray(prefixes, dtype=np.int32)
   raise ValueError(f'{config.data.name}/{split} has only {len(prefixes)} documents of at least '
-                   f'{prefix_len} tokens; asked for {num}.')
+                   f'{prefix_len} tokens; asked for {num}. Fix: ask for at most {len(prefixes)} '
+                   f'(--config.eval.num_samples), or give the split more documents.')
 
 
 def _epoch_chunks(source: BatchSource, max_rows: int | None,

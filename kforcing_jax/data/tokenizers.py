@@ -153,12 +153,16 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
 def check_vocab(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
   """Fails early when the model's vocabulary or mask id disagrees with the tokenizer's."""
   if config.model.vocab_size != tokenizer.vocab_size:
+    why = ''
+    if config.data.tokenizer == 'bpe' and tokenizer.vocab_size < config.data.vocab_size:
+      why = f' (the train split has too little text for a {config.data.vocab_size}-token BPE)'
+    elif config.data.tokenizer == 'bpe':
+      why = (f' (or --config.data.vocab_size={config.model.vocab_size} to train a BPE of that '
+             'size instead)')
     raise ValueError(
         f'config.model.vocab_size={config.model.vocab_size} but the {tokenizer.name} tokenizer '
         f'has {tokenizer.vocab_size} ids (mask id included). Fix: set '
-        f'--config.model.vocab_size={tokenizer.vocab_size}'
-        + (f' (and --config.data.vocab_size={config.model.vocab_size} to train a BPE of that '
-           'size instead)' if config.data.tokenizer == 'bpe' else '') + '.')
+        f'--config.model.vocab_size={tokenizer.vocab_size}{why}.')
   if config.model.mask_id != tokenizer.mask_id:
     raise ValueError(
         f'config.model.mask_id={config.model.mask_id} but the {tokenizer.name} tokenizer\'s mask '
