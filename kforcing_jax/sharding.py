@@ -153,8 +153,8 @@ def global_batch(local: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
           for k, v in local.items()}
 
 
-def mesh_from_config(config) -> Mesh:
-  return make_mesh(tuple(config.mesh_shape))
+def mesh_from_config(config, devices=None) -> Mesh:
+  return make_mesh(tuple(config.mesh_shape), devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +185,11 @@ class Layout:
     return global_batch(local, self.mesh, self.rules)
 
 
-def layout_from_config(config) -> Layout:
-  """The config's mesh (config.mesh_shape over all devices) and rules (config.sharding_rules)."""
-  return Layout(mesh_from_config(config), tuple(tuple(r) for r in config.sharding_rules))
+def layout_from_config(config, devices=None) -> Layout:
+  """The config's mesh (config.mesh_shape over `devices`, default all) and rules
+  (config.sharding_rules)."""
+  return Layout(mesh_from_config(config, devices),
+                tuple(tuple(r) for r in config.sharding_rules))
 
 
 def single_device_layout(device=None) -> Layout:

@@ -3,35 +3,22 @@
   .venv-tpu/bin/python -m launch.compile_tpu --config=configs/owt_ar.py --topology=v5p-8 \
       --output=runs/compile_tpu/owt_v5p-8.json
 
-Needs jax[tpu] (libtpu) installed - `make compile-tpu` builds .venv-tpu for it - but no TPU:
-`jax.experimental.topologies.get_topology_desc` gives abstract devices of the topology, and
-every program is lowered from ShapeDtypeStructs carrying NamedShardings and compiled by the
-real TPU compiler. Nothing runs; no parameters or data exist.
+Needs jax[tpu] (libtpu; `make compile-tpu` builds .venv-tpu) but no TPU: the abstract devices of
+the topology (jax.experimental.topologies) and the real TPU compiler; nothing runs, no parameters
+or data exist. `--topology=cpu` compiles for this machine's CPU devices instead (e.g. the train
+steps' memory for one sequence: `--config.train.batch_size=1 --config.distill.batch_size=1`).
 
-Programs, built with the same functions the real runs use:
-  * the teacher train step (train_state.make_train_step + train.lm_loss, train.microbatches);
-  * one distillation step per stage of config.distill.stages (distill.distill_loss; teacher =
-    the AR model for k = 1, else the previous stage's student; distill.microbatches);
-  * the decode loops (decode.generate_ar / generate_pflm - the loop bodies that
-    decode.sharded_decoder jits - traced under the mesh rules, at decode.gen_len and the
-    largest of eval.batch_sizes, with batch-sharded prompts and rule-sharded parameters);
-  * one decode STEP (roofline.xla_step_cost: decode.ar_step / pflm_step) per batch size in
-    eval.batch_sizes on ONE device, for the speed model.
-
-Per program it prints XLA's per-device memory analysis and compares the peak with the
-device's HBM; the exit status is 1 when any program does not fit. Peak per device =
-arguments + outputs - aliased (donated) outputs + temporaries + generated code: XLA's own
-buffer assignment, an upper bound of what the program holds at once.
-
-The decode-speed figures are a MODEL, not a measurement: each compiled step's own
-cost_analysis() (FLOPs, bytes accessed) against the chip's published peak bf16 FLOP/s and HBM
-bandwidth, step time = max(flops / peak, bytes / bandwidth) (roofline.py), prefill and host
-overheads ignored. `--topology=cpu` applies the same method to this machine's CPU (peak and
-bandwidth measured by roofline.py) so it can be checked against measured decode speed.
+Programs, from the builders the runs use: the teacher step (teacher.train_program), one step per
+distillation stage (distill.stage_program), and the AR / k-token decode loops (decode.generate_ar
+/ generate_pflm traced under the mesh rules, at decode.gen_len and the largest eval batch). Per
+program: XLA's per-device memory (roofline.memory_of; peak = arguments + outputs - donated +
+temporaries + generated code) against the device's HBM - exit status 1 when any does not fit -
+and FLOPs. Then a decode-speed MODEL, not a measurement: one compiled decode step per batch
+(roofline.xla_step_cost), step time = max(flops / peak, bytes / bandwidth) from the chip's
+published peaks (with --topology=cpu: this CPU's, measured by roofline.py).
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -39,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from kforcing_jax import cli, decode, distill, roofline, sharding, train, train_state
+from kforcing_jax import cli, decode, distill, models, progress, roofline, sharding, teacher
+from kforcing_jax import timing
 
 GIB = 1 << 30
 
@@ -71,8 +59,7 @@ TARGETS = {
 }
 
 _TOPOLOGY = flags.DEFINE_enum('topology', 'v5p-8', sorted(TARGETS) + ['cpu'],
-                              'TPU slice to compile for; "cpu" = this machine\'s CPU devices '
-                              '(tests, and the check of the speed model against measurement).')
+                              'TPU slice to compile for; "cpu" = this machine\'s CPU devices.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON report path.')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', None, 'Override the usable memory per device (GiB).')
 _MEMORY = flags.DEFINE_bool('memory', True, 'Compile the train steps and decode loops and check '
@@ -81,8 +68,6 @@ _SPEED = flags.DEFINE_bool('speed', True, 'Compile the single decode steps and p
 _MEASURED = flags.DEFINE_string('measured_speed', None, 'A benchmarks/decode_speed.py JSON to '
                                 'put side by side with the prediction (same device only).')
 
-
-# ----------------------------------------------------------------------------- devices
 
 def target_devices(name: str):
   """The abstract devices of a named TPU slice (needs libtpu), or the local CPU devices."""
@@ -96,153 +81,95 @@ def target_devices(name: str):
   return topologies.get_topology_desc(t.topology_name, 'tpu', **kwargs).devices
 
 
-def cpu_target(hbm_bytes: float) -> dict:
-  """The speed model's figures for this CPU, measured by roofline.py in the compute dtype."""
-  return {'hbm_bytes': hbm_bytes, 'peak_flops': None, 'bytes_per_s': None,
-          'source': 'measured in-process by roofline.measure_peak_flops / measure_bandwidth'}
+def target_figures(topology: str, hbm_bytes: float | None) -> dict:
+  """Usable memory per device and the speed model's peaks (None: measured on this CPU)."""
+  if topology == 'cpu':
+    return {'hbm_bytes': hbm_bytes or float(os.sysconf('SC_PAGE_SIZE') *
+                                            os.sysconf('SC_PHYS_PAGES')),
+            'peak_flops': None, 'bytes_per_s': None,
+            'source': 'measured in-process by roofline.measure_peak_flops / measure_bandwidth'}
+  t = TARGETS[topology]
+  return {'hbm_bytes': hbm_bytes or t.hbm_bytes, 'peak_flops': t.peak_bf16_flops,
+          'bytes_per_s': t.hbm_bytes_per_s, 'source': t.source}
 
 
 # ----------------------------------------------------------------------------- programs
 
-def memory_of(compiled) -> dict:
-  m = compiled.memory_analysis()
-  out = {name: int(getattr(m, f'{name}_size_in_bytes')) for name in
-         ('argument', 'output', 'alias', 'temp', 'generated_code')}
-  out['peak'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
-                 + out['generated_code'])
-  return out
-
-
-def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0))
-
-
-def abstract(shapes, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
-
-
-def compile_program(name: str, lower, log) -> tuple:
+def compile_entry(name: str, lower, microbatches: int = 1, loop: bool = False, **shape) -> dict:
+  """Compiles `lower()`; its memory and FLOPs per device. cost_analysis counts a scan / while
+  body once: the train steps' FLOPs are multiplied by the microbatch count (the optimizer
+  update outside the scan, under 1% of a step, is then over-counted); a decode loop's FLOPs
+  are one iteration's."""
   t0 = time.perf_counter()
   compiled = lower().compile()
   seconds = time.perf_counter() - t0
-  log(f'  compiled {name} in {seconds:.0f}s')
-  return compiled, seconds
-
-
-def train_programs(config, mesh, rules, log) -> list[dict]:
-  """The teacher step and every distillation stage's step, compiled on the mesh."""
-  def batch_of(shapes):
-    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
-        mesh, len(shape), rules)) for key, (shape, dtype) in shapes.items()}
-
-  programs = []
-  tc = config.train
-  n = config.data.seq_len
-  ar = train.teacher_model(config)
-  opt = train_state.make_optimizer(tc, tc.steps)
-  state = train_state.abstract_train_state(ar, opt, mesh, rules)
-  batch = batch_of({'tokens': ((tc.batch_size, n), jnp.int32),
-                    'mask': ((tc.batch_size, n), jnp.float32)})
-  step = train_state.make_train_step(
-      lambda p, b: train.lm_loss(ar, p, b), opt, state,
-      jax.tree.map(lambda x: x.sharding, batch), mesh, rules,
-      microbatches=tc.microbatches, weight_key='tokens')
-  compiled, seconds = compile_program('teacher step', lambda: step.lower(state, batch), log)
-  programs.append(program_entry('teacher_step', compiled, seconds, batch=tc.batch_size,
-                                seq_len=n, microbatches=tc.microbatches))
-
-  dc = config.distill
-  n = dc.seq_len or config.data.seq_len
-  prev_k = None
-  for k, _ in distill.validate_schedule(dc.stages):
-    student = distill.student_model(config, k)
-    teacher = ar if prev_k is None else distill.student_model(config, prev_k)
-    opt = train_state.make_optimizer(dc, 10)
-    state = train_state.abstract_train_state(student, opt, mesh, rules)
-    b = dc.batch_size
-    batch = batch_of({'tokens': ((b, n), jnp.int32), 'mask': ((b, n), jnp.float32),
-                      'u': ((b, n, k), jnp.float32), 'tau': ((b,), jnp.float32),
-                      'r': ((b, n, k), jnp.float32)})
-    t_sh = train_state.param_shardings(teacher, mesh, rules)
-    uses_data = dc.data_weight > 0
-    ar_sh = train_state.param_shardings(ar, mesh, rules) if uses_data else None
-    ar_abstract = abstract(ar.param_shapes, ar_sh) if uses_data else None
-    step = train_state.make_train_step(
-        lambda p, x, tp, ap, s=student, t=teacher: distill.distill_loss(s, t, dc, p, x, tp,
-                                                                        (ar, ap)),
-        opt, state, jax.tree.map(lambda x: x.sharding, batch), mesh, rules,
-        extra_args_shardings=(t_sh, ar_sh), microbatches=dc.microbatches, weight_key='windows')
-    t_abstract = abstract(teacher.param_shapes, t_sh)
-    compiled, seconds = compile_program(
-        f'distill k={k} step', lambda: step.lower(state, batch, t_abstract, ar_abstract), log)
-    programs.append(program_entry(f'distill_k{k}_step', compiled, seconds, batch=b, seq_len=n,
-                                  microbatches=dc.microbatches, k=k))
-    prev_k = k
-  return programs
-
-
-def decode_programs(config, mesh, rules, log) -> list[dict]:
-  """AR and every stage's k-token decode loop at the largest eval batch, batch-sharded."""
-  gen_len, prefix_len = config.decode.gen_len, config.decode.prefix_len
-  batch = max(int(b) for b in config.eval.batch_sizes)
-  rows = sharding.batch_sharding(mesh, 2, rules)
-  replicated = sharding.replicated(mesh)
-  prompts = jax.ShapeDtypeStruct((batch, prefix_len), jnp.int32, sharding=rows)
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=replicated)
-  models = [('ar', 0, train.teacher_model(config))]
-  models += [(f'pflm_k{k}', k, distill.student_model(config, k))
-             for k, _ in distill.validate_schedule(config.distill.stages)]
-  programs = []
-  for name, k, model in models:
-    params = abstract(model.param_shapes, train_state.param_shardings(model, mesh, rules))
-
-    def lower(model=model, k=k, params=params):
-      # traced under the rules, so the loops' sharding constraints (batch-sharded activations
-      # and caches) apply on this mesh
-      with sharding.use_mesh_rules(mesh, rules):
-        if k == 0:
-          return decode.generate_ar.lower(model, params, prompts, key, gen_len=gen_len)
-        return decode.generate_pflm.lower(
-            model, params, prompts, key, gen_len=gen_len, k=k,
-            freq_penalty=float(config.decode.freq_penalty.get(str(k), 0.0)))
-
-    compiled, seconds = compile_program(f'decode {name} B={batch}', lower, log)
-    programs.append(program_entry(f'decode_{name}', compiled, seconds, batch=batch,
-                                  gen_len=gen_len, k=k, loop=True))
-  return programs
-
-
-def program_entry(name, compiled, seconds, microbatches=1, loop=False, **shape) -> dict:
-  """Memory and FLOPs per device. cost_analysis counts a scan / while body once: the train
-  steps' FLOPs are multiplied by the microbatch count (the optimizer update outside the scan,
-  under 1% of a step, is then over-counted); a decode loop's FLOPs are one iteration's."""
-  flops = flops_of(compiled)
-  return dict(name=name, compile_seconds=round(seconds, 1), memory=memory_of(compiled),
+  progress.log(f'  compiled {name} in {seconds:.0f}s')
+  flops = roofline.flops_of(compiled)
+  return dict(name=name, compile_seconds=round(seconds, 1), memory=roofline.memory_of(compiled),
               flops_per_device=flops if loop else flops * microbatches,
               flops_note='one loop iteration' if loop else 'whole step',
               microbatches=microbatches, **shape)
 
 
+def train_programs(config, layout: sharding.Layout) -> list[dict]:
+  """The teacher step and every distillation stage's step, compiled on the layout."""
+  tc, dc = config.train, config.distill
+  programs = [compile_entry('teacher_step', teacher.train_program(config, layout).lower,
+                            tc.microbatches, batch=tc.batch_size, seq_len=config.data.seq_len)]
+  prev_k = None
+  for k, _ in distill.validate_schedule(dc.stages):
+    program = distill.stage_program(config, layout, k, prev_k)
+    programs.append(compile_entry(f'distill_k{k}_step', program.lower, dc.microbatches,
+                                  batch=dc.batch_size, seq_len=distill.stage_seq_len(config),
+                                  k=k))
+    prev_k = k
+  return programs
+
+
+def decoders(config) -> list[tuple[str, str, int, models.FunctionalModel]]:
+  """(name, kind, k, model): the AR teacher (k = 1) and every stage's student."""
+  out = [('ar', 'ar', 1, models.teacher(config))]
+  return out + [(f'pflm_k{k}', 'pflm', k, models.student(config, k))
+                for k, _ in distill.validate_schedule(config.distill.stages)]
+
+
+def decode_programs(config, layout: sharding.Layout) -> list[dict]:
+  """AR and every stage's k-token decode loop at the largest eval batch, batch-sharded."""
+  gen_len = config.decode.gen_len
+  batch = max(int(b) for b in config.eval.batch_sizes)
+  prompts = jax.ShapeDtypeStruct((batch, config.decode.prefix_len), jnp.int32,
+                                 sharding=layout.batch(2))
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=sharding.replicated(layout.mesh))
+  programs = []
+  for name, kind, k, model in decoders(config):
+    params = layout.abstract_params(model)
+
+    def lower(model=model, kind=kind, k=k, params=params):
+      # traced under the rules, so the loops' sharding constraints (batch-sharded activations
+      # and caches) apply on this mesh
+      with sharding.use_mesh_rules(layout.mesh, layout.rules):
+        if kind == 'ar':
+          return decode.generate_ar.lower(model, params, prompts, key, gen_len=gen_len)
+        return decode.generate_pflm.lower(model, params, prompts, key, gen_len=gen_len, k=k,
+                                          freq_penalty=decode.freq_penalty(config, k))
+
+    programs.append(compile_entry(f'decode_{name}', lower, loop=True, batch=batch,
+                                  gen_len=gen_len, kind=kind, k=k))
+  return programs
+
+
 # ----------------------------------------------------------------------------- speed model
 
-def speed_model(config, device, peak_flops: float, bytes_per_s: float, log) -> dict:
+def speed_model(config, device, peak_flops: float, bytes_per_s: float) -> dict:
   """Predicted tokens/s per (decoder, batch) on one device, and each student's speed-up."""
   gen_len, prefix_len = config.decode.gen_len, config.decode.prefix_len
-  new_tokens = gen_len - prefix_len
-  batches = [int(b) for b in config.eval.batch_sizes]
-  decoders = [('ar', 0, train.teacher_model(config))]
-  decoders += [(f'pflm_k{k}', k, distill.student_model(config, k))
-               for k, _ in distill.validate_schedule(config.distill.stages)]
   rows = {}
-  for name, k, model in decoders:
+  for name, kind, k, model in decoders(config):
+    steps = timing.decode_steps(prefix_len, gen_len, k)
+    penalty = decode.freq_penalty(config, k) if kind == 'pflm' else 0.0
     rows[name] = []
-    steps = roofline.decode_steps(prefix_len, gen_len, k)
-    penalty = float(config.decode.freq_penalty.get(str(k), 0.0)) if k else 0.0
-    for batch in batches:
+    for batch in [int(b) for b in config.eval.batch_sizes]:
       t0 = time.perf_counter()
       cost = roofline.xla_step_cost(model, k, batch, gen_len, freq_penalty=penalty,
                                     device=device)
@@ -251,10 +178,11 @@ def speed_model(config, device, peak_flops: float, bytes_per_s: float, log) -> d
       rows[name].append(dict(batch=batch, decode_steps=steps, step_flops=cost['flops'],
                              step_bytes=cost['bytes'], step_seconds=step_s,
                              bound='compute' if compute_s >= memory_s else 'memory',
-                             tokens_per_s=batch * new_tokens / (steps * step_s)))
-      log(f'  decode step {name} B={batch}: {cost["flops"] / 1e9:.2f} GFLOP, '
-          f'{cost["bytes"] / 1e6:.1f} MB -> {rows[name][-1]["tokens_per_s"]:,.0f} tok/s '
-          f'({rows[name][-1]["bound"]}-bound; compiled in {time.perf_counter() - t0:.0f}s)')
+                             tokens_per_s=batch * (gen_len - prefix_len) / (steps * step_s)))
+      progress.log(f'  decode step {name} B={batch}: {cost["flops"] / 1e9:.2f} GFLOP, '
+                   f'{cost["bytes"] / 1e6:.1f} MB -> {rows[name][-1]["tokens_per_s"]:,.0f} '
+                   f'tok/s ({rows[name][-1]["bound"]}-bound; compiled in '
+                   f'{time.perf_counter() - t0:.0f}s)')
   ar_rate = {r['batch']: r['tokens_per_s'] for r in rows['ar']}
   speedup = {name: {str(r['batch']): r['tokens_per_s'] / ar_rate[r['batch']] for r in rs}
              for name, rs in rows.items() if name != 'ar'}
@@ -301,32 +229,28 @@ def print_table(programs: list[dict], hbm_bytes: float, num_devices: int):
         'per device, from XLA\'s memory_analysis()', flush=True)
 
 
-def log_line(message: str):
-  print(message, flush=True)
+def print_speed(model: dict, side_by_side: dict | None):
+  print('predicted decode speed-up vs AR (a roofline MODEL, not a measurement):')
+  for name, row in model['predicted_speedup_vs_ar'].items():
+    print(f'  {name:>8s} ' + '  '.join(f'B={b}: {s:.2f}x' for b, s in row.items()))
+  for name, row in (side_by_side or {}).items():
+    print(f'  {name:>8s} predicted/measured ' + '  '.join(
+        f'B={b}: {v["predicted"]:.2f}/{v["measured"]:.2f}' for b, v in row.items()))
 
 
 def run(config, topology: str, hbm_bytes: float | None = None, memory: bool = True,
-        speed: bool = True, log=log_line) -> dict:
+        speed: bool = True) -> dict:
   """Compile every program of `config` for `topology`; returns the report (see module doc)."""
   devices = target_devices(topology)
-  if topology == 'cpu':
-    target = cpu_target(hbm_bytes or float(os.sysconf('SC_PAGE_SIZE') *
-                                           os.sysconf('SC_PHYS_PAGES')))
-  else:
-    t = TARGETS[topology]
-    target = {'hbm_bytes': hbm_bytes or t.hbm_bytes, 'peak_flops': t.peak_bf16_flops,
-              'bytes_per_s': t.hbm_bytes_per_s, 'source': t.source}
-  mesh = sharding.make_mesh(tuple(config.mesh_shape), devices)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  log(f'[compile_tpu] {topology}: {len(devices)} devices ({devices[0].device_kind}), mesh '
-      f'{dict(mesh.shape)}, {target["hbm_bytes"] / GIB:.2f} GiB per device')
-  programs = []
-  if memory:
-    programs = (train_programs(config, mesh, rules, log)
-                + decode_programs(config, mesh, rules, log))
+  target = target_figures(topology, hbm_bytes)
+  layout = sharding.layout_from_config(config, devices)
+  mesh = dict(layout.mesh.shape)
+  progress.log(f'[compile_tpu] {topology}: {len(devices)} devices ({devices[0].device_kind}), '
+               f'mesh {mesh}, {target["hbm_bytes"] / GIB:.2f} GiB per device')
+  programs = train_programs(config, layout) + decode_programs(config, layout) if memory else []
   fits = fit_check(programs, target['hbm_bytes'])
   report = {'topology': topology, 'device_kind': devices[0].device_kind,
-            'num_devices': len(devices), 'mesh': dict(mesh.shape),
+            'num_devices': len(devices), 'mesh': mesh,
             'compiled_for': 'TPU (libtpu ahead-of-time)' if topology != 'cpu' else 'CPU',
             'hbm_bytes_per_device': target['hbm_bytes'], 'chip_figures': target['source'],
             'model': config.model.to_dict(), 'programs': programs, 'all_fit': fits}
@@ -335,32 +259,26 @@ def run(config, topology: str, hbm_bytes: float | None = None, memory: bool = Tr
     if topology == 'cpu':
       peak = roofline.measure_peak_flops(config.model.dtype)['flops_per_s']
       bandwidth = roofline.measure_bandwidth()['bytes_per_s']
-    report['decode_speed_model'] = speed_model(config, devices[0], peak, bandwidth, log)
+    report['decode_speed_model'] = speed_model(config, devices[0], peak, bandwidth)
   return report
 
 
 def main(argv):
   del argv
-  cli.quiet_libraries()
-  config = cli.CONFIG.value
+  cli.start()
   hbm = _HBM_GIB.value * GIB if _HBM_GIB.value else None
-  report = run(config, _TOPOLOGY.value, hbm, _MEMORY.value, _SPEED.value)
+  report = run(cli.CONFIG.value, _TOPOLOGY.value, hbm, _MEMORY.value, _SPEED.value)
   print_table(report['programs'], report['hbm_bytes_per_device'], report['num_devices'])
   if 'decode_speed_model' in report:
-    model = report['decode_speed_model']
-    print('predicted decode speed-up vs AR (a roofline MODEL, not a measurement):')
-    for name, row in model['predicted_speedup_vs_ar'].items():
-      print(f'  {name:>8s} ' + '  '.join(f'B={b}: {s:.2f}x' for b, s in row.items()))
     if _MEASURED.value:
-      with open(_MEASURED.value) as f:
-        report['predicted_vs_measured'] = measured_side_by_side(model, json.load(f))
-      for name, row in report['predicted_vs_measured'].items():
-        print(f'  {name:>8s} predicted/measured ' + '  '.join(
-            f'B={b}: {v["predicted"]:.2f}/{v["measured"]:.2f}' for b, v in row.items()))
+      measured = progress.read_json(_MEASURED.value)
+      if measured is None:
+        raise FileNotFoundError(f'--measured_speed={_MEASURED.value} does not exist.')
+      report['predicted_vs_measured'] = measured_side_by_side(report['decode_speed_model'],
+                                                              measured)
+    print_speed(report['decode_speed_model'], report.get('predicted_vs_measured'))
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, 'w') as f:
-      json.dump(report, f, indent=2)
+    progress.write_json(_OUTPUT.value, report)
     print(f'-> {_OUTPUT.value}')
   if not report['all_fit']:
     print('error: ' + ', '.join(p['name'] for p in report['programs'] if not p['fits'])

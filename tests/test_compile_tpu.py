@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import train
+from kforcing_jax import models
 from launch import compile_tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +46,9 @@ def test_report_has_every_program_with_memory_and_flops(failed_fit_run):
   names = [p['name'] for p in report['programs']]
   assert names == ['teacher_step', 'distill_k1_step', 'distill_k2_step', 'decode_ar',
                    'decode_pflm_k1', 'decode_pflm_k2']
+  # the AR teacher decodes one token per step: kind 'ar', k = 1 (no k = 0)
+  assert [(p['kind'], p['k']) for p in report['programs'][3:]] == [('ar', 1), ('pflm', 1),
+                                                                  ('pflm', 2)]
   for p in report['programs']:
     m = p['memory']
     assert m['peak'] == m['argument'] + m['output'] - m['alias'] + m['temp'] + m['generated_code']
@@ -54,8 +57,8 @@ def test_report_has_every_program_with_memory_and_flops(failed_fit_run):
   # the teacher step: forward + backward ~ 6 FLOPs per weight (the embedding gather is free)
   # per token, plus attention and the optimizer
   config = test_tiny.get_config()
-  cfg = train.teacher_model(config).cfg
-  weights = train.teacher_model(config).num_params() - cfg.vocab_size * cfg.d_model
+  cfg = models.teacher(config).cfg
+  weights = models.teacher(config).num_params() - cfg.vocab_size * cfg.d_model
   six_nd = 6 * weights * config.train.batch_size * config.data.seq_len
   assert 1.0 <= report['programs'][0]['flops_per_device'] / six_nd < 2.0
 
