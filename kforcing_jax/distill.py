@@ -232,6 +232,12 @@ class Teachers:
 
 
 def load_teachers(config, workdir: str, layout: sharding.Layout, prev_k: int | None) -> Teachers:
+  directory = rundir.teacher_dir(workdir) if prev_k is None else rundir.stage_dir(workdir, prev_k)
+  if not checkpoints.has_params(rundir.params_dir(directory)):
+    raise FileNotFoundError(f'stage k={2 * prev_k if prev_k else 1} needs its teacher at '
+                            f'{rundir.params_dir(directory)}; run the teacher / previous stage '
+                            'first (python -m kforcing_jax.main.train, or distill without '
+                            '--stage).')
   ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config)
   if prev_k is None:
     return Teachers(ar, ar)
@@ -278,8 +284,8 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
               prev_k: int | None, tokenizer=None) -> dict:
   """Train (or resume) stage k and export it; returns its final validation metrics."""
   dc = config.distill
+  program = stage_program(config, layout, k, prev_k, steps)  # refuses bad settings up front
   teachers = load_teachers(config, workdir, layout, prev_k)
-  program = stage_program(config, layout, k, prev_k, steps)
   student = program.model
   init = train_state.make_init_state(student, program.optimizer, program.abstract_state)
   fresh = jax.jit(student.init)

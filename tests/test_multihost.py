@@ -1,6 +1,6 @@
 """Two processes x 4 CPU devices == one process x 8 devices, through the real CLI.
 
-`python -m kforcing_jax.distill` runs a short k=1 stage from an exported random AR teacher,
+`python -m kforcing_jax.main.distill` runs a short k=1 stage from an exported random AR teacher,
 once as a single 8-device process and once as two processes joined by jax.distributed on
 127.0.0.1 (gloo collectives), on the same (4, 2, 1) mesh. The two-process run reads half the
 batch rows per process, all-reduces over gloo, restores the teacher export and saves
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import checkpoints, train
+from kforcing_jax import checkpoints, models
 from tests.helpers import params as params_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def distill_command(workdir: str, data_dir: str) -> list[str]:
-  return [sys.executable, '-m', 'kforcing_jax.distill', '--config=configs/test_tiny.py',
+  return [sys.executable, '-m', 'kforcing_jax.main.distill', '--config=configs/test_tiny.py',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
           f'--config.distill.stages=((1,{STEPS}),)', '--config.mesh_shape=(4,2,1)',
           '--config.distill.log_every=1']
@@ -94,7 +94,7 @@ def runs(tiny_data_dir, tmp_path_factory):
   """workdirs of the single-process and the two-process run, each with the same teacher."""
   root = tmp_path_factory.mktemp('multihost')
   config = test_tiny.get_config()
-  teacher = train.teacher_model(config)
+  teacher = models.teacher(config)
   checkpoints.export_params(str(root / 'teacher_params'),
                             params_lib.random_params(teacher, 0, head_scale=0.1), {'kind': 'ar'})
   workdirs = {}

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from kforcing_jax import checkpoints, data, train
+from kforcing_jax import checkpoints, teacher
+from kforcing_jax.data import pipeline
 
 
 def read_metrics(workdir):
@@ -21,7 +22,7 @@ def read_metrics(workdir):
 
 def test_training_lowers_loss_and_writes_outputs(tiny_data_config, tmp_path):
   config = tiny_data_config
-  result = train.run(config, str(tmp_path))
+  result = teacher.run(config, str(tmp_path))
   losses = read_metrics(str(tmp_path))
   first = sum(losses[s] for s in range(1, 6)) / 5
   last = sum(losses[s] for s in range(config.train.steps - 4, config.train.steps + 1)) / 5
@@ -45,9 +46,9 @@ def test_resume_reproduces_uninterrupted_losses(tiny_data_config, tmp_path, monk
   config.train.checkpoint_every = 10
   config.train.eval_every = 20
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  train.run(config, straight)
+  teacher.run(config, straight)
 
-  real_source = data.make_batch_source
+  real_source = pipeline.make_batch_source  # what data.global_batches calls
 
   class DyingSource:
     """The training source, 'killed' when step 13's batch is requested."""
@@ -63,11 +64,11 @@ def test_resume_reproduces_uninterrupted_losses(tiny_data_config, tmp_path, monk
   def dying_source(*args, **kwargs):
     return DyingSource(real_source(*args, **kwargs), kwargs.get('shuffle', True))
 
-  monkeypatch.setattr(data, 'make_batch_source', dying_source)
+  monkeypatch.setattr(pipeline, 'make_batch_source', dying_source)
   with pytest.raises(Interrupt):
-    train.run(config, resumed)
-  monkeypatch.setattr(data, 'make_batch_source', real_source)
-  train.run(config, resumed)
+    teacher.run(config, resumed)
+  monkeypatch.setattr(pipeline, 'make_batch_source', real_source)
+  teacher.run(config, resumed)
 
   a, b = read_metrics(straight), read_metrics(resumed)
   assert sorted(a) == sorted(b) == list(range(1, 21))

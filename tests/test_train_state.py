@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import distill, sharding, train, train_state
+from kforcing_jax import distill, models, sharding, teacher, train_state
 from kforcing_jax.models import FunctionalModel
 from tests.helpers.params import random_params
 
@@ -46,10 +46,10 @@ def assert_trees_close(actual, desired):
 @pytest.mark.parametrize('microbatches', [2, 4])
 def test_gradient_accumulation_equals_full_batch(microbatches):
   config = test_tiny.get_config()
-  model = train.teacher_model(config)
+  model = models.teacher(config)
   params = random_params(model, 0)
   batch = lm_batch(config)
-  loss_fn = lambda p, b: train.lm_loss(model, p, b)  # noqa: E731
+  loss_fn = lambda p, b: teacher.lm_loss(model, p, b)  # noqa: E731
   (full_loss, full_metrics), full_grads = jax.jit(
       jax.value_and_grad(loss_fn, has_aux=True))(params, batch)
   loss, metrics, grads = jax.jit(
@@ -68,20 +68,15 @@ def test_gradient_accumulation_equals_full_batch(microbatches):
 def test_train_step_with_microbatches_matches_one_batch():
   """The jitted step (optimizer, clipping, metrics) on a 1-device mesh, M = 1 vs M = 4."""
   config = test_tiny.get_config()
-  model = train.teacher_model(config)
-  mesh, rules = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES
-  opt = train_state.make_optimizer(config.train, 10)
-  abstract = train_state.abstract_train_state(model, opt, mesh, rules)
+  layout = sharding.single_device_layout()
   batch = lm_batch(config)
   results = []
   for microbatches in (1, 4):
-    state = {'step': jnp.zeros((), jnp.int32), 'params': random_params(model, 0)}
-    state['opt_state'] = opt.init(state['params'])
-    step = train_state.make_train_step(
-        lambda p, b: train.lm_loss(model, p, b), opt, abstract,
-        {k: sharding.batch_sharding(mesh, 2, rules) for k in batch}, mesh, rules,
-        microbatches=microbatches, weight_key='tokens')
-    results.append(step(state, batch))
+    config.train.microbatches = microbatches
+    program = teacher.train_program(config, layout)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': random_params(program.model, 0)}
+    state['opt_state'] = program.optimizer.init(state['params'])
+    results.append(program.step(state, batch))
   (state_1, metrics_1), (state_4, metrics_4) = results
   for name in ('loss', 'grad_norm', 'tokens'):
     np.testing.assert_allclose(metrics_4[name], metrics_1[name], rtol=1e-5)
@@ -102,11 +97,11 @@ def with_remat(model: FunctionalModel, remat: str) -> FunctionalModel:
 @pytest.mark.parametrize('remat', ['full', 'dots'])
 def test_remat_keeps_teacher_loss_and_gradients(remat):
   config = test_tiny.get_config()
-  model = train.teacher_model(config)
+  model = models.teacher(config)
   params = random_params(model, 0)
   batch = lm_batch(config)
   value_and_grad = lambda m: jax.jit(jax.value_and_grad(  # noqa: E731
-      lambda p, b: train.lm_loss(m, p, b)[0]))(params, batch)
+      lambda p, b: teacher.lm_loss(m, p, b)[0]))(params, batch)
   loss, grads = value_and_grad(model)
   remat_loss, remat_grads = value_and_grad(with_remat(model, remat))
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
@@ -115,7 +110,7 @@ def test_remat_keeps_teacher_loss_and_gradients(remat):
 
 def test_remat_keeps_distill_loss_and_gradients():
   config = test_tiny.get_config()
-  student, teacher = distill.student_model(config, 4), distill.student_model(config, 2)
+  student, teacher = models.student(config, 4), models.student(config, 2)
   params, teacher_params = random_params(student, 0), random_params(teacher, 1)
   batch = distill_batch(config, 4)
 
@@ -133,7 +128,7 @@ def test_unknown_remat_policy_is_a_config_error():
   config = test_tiny.get_config()
   config.model.remat = 'everything'
   with pytest.raises(ValueError, match='model.remat'):
-    train.teacher_model(config)
+    models.teacher(config)
 
 
 @pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
@@ -141,9 +136,9 @@ def test_remat_puts_checkpoints_in_the_training_forward(remat):
   # equal numbers alone would also hold if the knob were ignored: the traced gradient must
   # contain one checkpointed region per layer exactly when remat is on
   config = test_tiny.get_config()
-  model = with_remat(train.teacher_model(config), remat)
+  model = with_remat(models.teacher(config), remat)
   params, batch = random_params(model, 0), lm_batch(config)
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: train.lm_loss(model, p, batch)[0]))(params))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: teacher.lm_loss(model, p, batch)[0]))(params))
   expected = 0 if remat == 'none' else config.model.num_layers
   # jax.checkpoint traces to the `remat2` primitive in jax 0.10 (`checkpoint` in some versions)
   assert len(re.findall(r'= (?:remat\w*|checkpoint)\[', jaxpr)) == expected

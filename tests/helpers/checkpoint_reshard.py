@@ -13,32 +13,29 @@ import jax
 import numpy as np
 
 from configs import test_tiny
-from kforcing_jax import checkpoints, sharding, train, train_state
+from kforcing_jax import checkpoints, sharding, teacher, train_state
 from tests.helpers import params as params_lib
 
-RULES = sharding.DEFAULT_RULES
 
-
-def abstract_state(mesh):
+def program_on(shape, devices=None) -> train_state.Program:
+  """The teacher's train program (batch 8 x 32) on a `shape` mesh."""
   config = test_tiny.get_config()
-  model = train.teacher_model(config)
-  optimizer = train_state.make_optimizer(config.train, 10)
-  return model, optimizer, train_state.abstract_train_state(model, optimizer, mesh, RULES)
+  config.mesh_shape = shape
+  return teacher.train_program(config, sharding.layout_from_config(config, devices))
 
 
-def trained_state(mesh):
+def trained_state(shape):
   """One real step from random params, so Adam moments and the step counter are non-trivial."""
-  model, optimizer, abstract = abstract_state(mesh)
-  state = train_state.make_init_state(model, optimizer, abstract)(jax.random.key(0))
+  program = program_on(shape)
+  model, abstract = program.model, program.abstract_state
+  state = train_state.make_init_state(model, program.optimizer, abstract)(jax.random.key(0))
   state['params'] = jax.device_put(params_lib.random_params(model, 0),
                                    train_state.shardings_of(abstract)['params'])
   rng = np.random.default_rng(0)
-  batch_sh = sharding.batch_sharding(mesh, 2, RULES)
-  batch = {'tokens': jax.device_put(rng.integers(1, 256, (8, 32)).astype(np.int32), batch_sh),
-           'mask': jax.device_put(np.ones((8, 32), np.float32), batch_sh)}
-  step = train_state.make_train_step(lambda p, b: train.lm_loss(model, p, b), optimizer,
-                                     abstract, {k: batch_sh for k in batch}, mesh, RULES)
-  state, _ = step(state, batch)
+  batch = {'tokens': rng.integers(1, 256, (8, 32)).astype(np.int32),
+           'mask': np.ones((8, 32), np.float32)}
+  batch = {k: jax.device_put(v, program.abstract_batch[k].sharding) for k, v in batch.items()}
+  state, _ = program.step(state, batch)
   return state
 
 
@@ -47,16 +44,15 @@ def specs(tree):
 
 
 def main(directory: str) -> dict:
-  source_mesh = sharding.make_mesh((2, 4, 1))
-  state = trained_state(source_mesh)
+  state = trained_state((2, 4, 1))
   expected = [np.asarray(x) for x in jax.tree.leaves(state)]
   ckpt = checkpoints.Checkpointer(directory)  # asynchronous, as in training
   ckpt.save(1, state, {'kind': 'ar', 'step': 1})
   ckpt.close()
   out = {'source_specs': specs(state), 'leaves': len(expected)}
-  for name, mesh in (('4,2,1', sharding.make_mesh((4, 2, 1))),
-                     ('one_device', sharding.make_mesh((1, 1, 1), jax.devices()[:1]))):
-    _, _, abstract = abstract_state(mesh)
+  for name, shape, devices in (('4,2,1', (4, 2, 1), None),
+                               ('one_device', (1, 1, 1), jax.devices()[:1])):
+    abstract = program_on(shape, devices).abstract_state
     restored, meta = checkpoints.Checkpointer(directory).restore(1, abstract)
     leaves = jax.tree.leaves(restored)
     out[name] = {

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from configs import test_tiny
-from kforcing_jax import decode, distill, sharding, train, train_state
+from kforcing_jax import decode, models, sharding
 from tests.helpers import params as params_lib
 
 PREFIX_LEN = 6
@@ -23,10 +23,10 @@ FREQ_PENALTY = 0.5
 HEAD_SCALE = 0.1    # logits of std ~1: diverse samples, few near-ties
 
 
-def models():
+def models_and_params():
   config = test_tiny.get_config()
-  ar = train.teacher_model(config)
-  student = distill.student_model(config, K)
+  ar = models.teacher(config)
+  student = models.student(config, K)
   return ((ar, params_lib.random_params(ar, 0, head_scale=HEAD_SCALE)),
           (student, params_lib.random_params(student, 1, head_scale=HEAD_SCALE)))
 
@@ -37,7 +37,7 @@ def prompts(batch: int) -> np.ndarray:
 
 def unsharded(batch: int) -> dict:
   """The plain jitted loops on one device: the reference."""
-  (ar, ar_params), (student, student_params) = models()
+  (ar, ar_params), (student, student_params) = models_and_params()
   key = jax.random.key(3)
   tokens, logits = decode.generate_ar(ar, ar_params, prompts(batch), key, 1.0, gen_len=GEN_LEN,
                                       return_logits=True)
@@ -49,12 +49,11 @@ def unsharded(batch: int) -> dict:
 
 def sharded(shape, batch: int) -> dict:
   """sharded_decoder on `shape`, parameters placed by the rules; also the output layouts."""
-  mesh = sharding.make_mesh(shape)
-  rules = sharding.DEFAULT_RULES
-  (ar, ar_params), (student, student_params) = models()
-  ar_params = jax.device_put(ar_params, train_state.param_shardings(ar, mesh, rules))
-  student_params = jax.device_put(student_params,
-                                  train_state.param_shardings(student, mesh, rules))
+  layout = sharding.Layout(sharding.make_mesh(shape))
+  mesh, rules = layout.mesh, layout.rules
+  (ar, ar_params), (student, student_params) = models_and_params()
+  ar_params = jax.device_put(ar_params, layout.param_shardings(ar))
+  student_params = jax.device_put(student_params, layout.param_shardings(student))
   key = jax.random.key(3)
   ar_decode = decode.sharded_decoder(ar, mesh, rules, 'ar', gen_len=GEN_LEN, return_logits=True)
   pflm_decode = decode.sharded_decoder(student, mesh, rules, 'pflm', gen_len=GEN_LEN, k=K,

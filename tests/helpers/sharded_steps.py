@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import test_tiny
-from kforcing_jax import distill, sharding, train, train_state
+from kforcing_jax import distill, models, sharding, teacher, train_state
 
 
 def batch_arrays(config, k):
@@ -32,50 +32,42 @@ def summary(tree):
           for x in jax.tree.leaves(tree)]
 
 
+def put(arrays: dict, abstract_batch: dict) -> dict:
+  return {k: jax.device_put(arrays[k], x.sharding) for k, x in abstract_batch.items()}
+
+
 def run_on_mesh(shape):
   config = test_tiny.get_config()
-  devices = jax.devices()[:int(np.prod(shape))]
-  mesh = sharding.make_mesh(shape, devices)
-  rules = sharding.DEFAULT_RULES
+  config.mesh_shape = shape
+  layout = sharding.layout_from_config(config, jax.devices()[:int(np.prod(shape))])
   arrays = batch_arrays(config, 4)
-  shard = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, rules))  # noqa
 
-  ar = train.teacher_model(config)
-  opt = train_state.make_optimizer(config.train, 10)
-  abstract = train_state.abstract_train_state(ar, opt, mesh, rules)
-  state = train_state.make_init_state(ar, opt, abstract)(jax.random.key(0))
+  program = teacher.train_program(config, layout)
+  ar = program.model
+  state = train_state.make_init_state(ar, program.optimizer,
+                                      program.abstract_state)(jax.random.key(0))
   # a non-zero head, so gradients reach every layer
   state['params']['head'] = jax.device_put(
       0.05 * jax.random.normal(jax.random.key(9), state['params']['head'].shape),
       state['params']['head'].sharding)
-  lm_batch = {k: shard(arrays[k]) for k in ('tokens', 'mask')}
-  step = train_state.make_train_step(
-      lambda p, b: train.lm_loss(ar, p, b), opt, abstract,
-      {k: sharding.batch_sharding(mesh, 2, rules) for k in lm_batch}, mesh, rules)
+  lm_batch = put(arrays, program.abstract_batch)
   ar_params = jax.tree.map(jnp.copy, state['params'])
-  grads = jax.jit(jax.grad(lambda p, b: train.lm_loss(ar, p, b)[0]))(ar_params, lm_batch)
-  state, metrics = step(state, lm_batch)
+  grads = jax.jit(jax.grad(lambda p, b: teacher.lm_loss(ar, p, b)[0]))(ar_params, lm_batch)
+  state, metrics = program.step(state, lm_batch)
   out = {'teacher_loss': float(metrics['loss']), 'teacher_grads': summary(grads),
          'teacher_params': summary(state['params'])}
 
-  teacher = distill.student_model(config, 2)
-  student = distill.student_model(config, 4)
-  t_params = jax.jit(teacher.init, out_shardings=train_state.param_shardings(
-      teacher, mesh, rules))(jax.random.key(1))
+  program = distill.stage_program(config, layout, 4, 2)
+  student, k2 = program.model, models.student(config, 2)
+  t_params = jax.jit(k2.init, out_shardings=layout.param_shardings(k2))(jax.random.key(1))
   t_params['backbone'] = jax.tree.map(jnp.copy, ar_params)
-  opt = train_state.make_optimizer(config.distill, 10)
-  abstract = train_state.abstract_train_state(student, opt, mesh, rules)
-  state = train_state.make_init_state(student, opt, abstract)(jax.random.key(2))
+  state = train_state.make_init_state(student, program.optimizer,
+                                      program.abstract_state)(jax.random.key(2))
   state['params'] = jax.tree.map(jnp.copy, t_params)
-  d_batch = {k: shard(v) for k, v in arrays.items()}
-  step = train_state.make_train_step(
-      lambda p, b, tp, ap: distill.distill_loss(student, teacher, config.distill, p, b, tp, ap),
-      opt, abstract, {k: sharding.batch_sharding(mesh, v.ndim, rules) for k, v in arrays.items()},
-      mesh, rules,
-      extra_args_shardings=(train_state.param_shardings(teacher, mesh, rules), None))
+  d_batch = put(arrays, program.abstract_batch)
   grads = jax.jit(jax.grad(lambda p, b, tp: distill.distill_loss(
-      student, teacher, config.distill, p, b, tp, None)[0]))(state['params'], d_batch, t_params)
-  state, metrics = step(state, d_batch, t_params, None)
+      student, k2, config.distill, p, b, tp, None)[0]))(state['params'], d_batch, t_params)
+  state, metrics = program.step(state, d_batch, t_params, None)
   out.update(distill_loss=float(metrics['loss']), distill_acc_total=float(metrics['acc_total']),
              distill_grads=summary(grads), distill_params=summary(state['params']))
   return out
