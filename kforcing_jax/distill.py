@@ -22,7 +22,7 @@ import numpy as np
 from kforcing_jax import checkpoints, data, distributed, loop, models, progress, provenance
 from kforcing_jax import rundir, sampling, sharding, train_state
 from kforcing_jax.models import FunctionalModel
-from kforcing_jax.models.student import init_from
+from kforcing_jax.models.pflm import init_from
 
 
 # ----------------------------------------------------------------------------- targets

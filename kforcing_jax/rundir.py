@@ -5,10 +5,12 @@
     <workdir>/student_k{K}/    the distillation stage with window k = K (same files)
     <workdir>/report/          evaluate's results.json, REPORT.md and plots
 
-A *model directory* is teacher/ or one student_k{K}/; its params/ is a params-only export.
-`load_export` is the one loader every tool uses: the architecture comes from the stored
-shapes (or from the config, when one is given, and is then checked against them), the
-vocabulary is checked against the tokenizer, and the parameters land on the layout's shardings.
+A *model directory* is teacher/ or one student_k{K}/; its params/ is a params-only export and
+its config.json the run record training wrote (provenance.py). `load_export` is the one loader
+every tool uses: the architecture comes from the stored shapes (or from the config, when one is
+given, and is then checked against them and against the recorded model settings), vocabulary
+and compute dtype come from the tokenizer / caller or else from the record, the vocabulary is
+checked against the tokenizer, and the parameters land on the layout's shardings.
 """
 
 import dataclasses
@@ -17,7 +19,7 @@ from typing import Any
 
 from etils import epath
 
-from kforcing_jax import checkpoints, models, sharding
+from kforcing_jax import checkpoints, models, provenance, sharding
 
 TEACHER = 'teacher'
 STUDENT_PREFIX = 'student_k'
@@ -106,13 +108,33 @@ class Export:
     return 'ar' if self.kind == 'ar' else f'pflm_k{self.k}'
 
 
-def _vocabulary(tokenizer, meta: dict, where: str) -> tuple[int, int]:
+# model settings that change what the parameters mean without changing their shapes
+RECORDED_MODEL_KEYS = ('vocab_size', 'mask_id')
+
+
+def recorded_model(directory: str) -> dict:
+  """The `model` block of the config that trained this model (config.json), or {}."""
+  record = provenance.read_run_config(directory) or {}
+  return dict(record.get('config', {}).get('model', {}))
+
+
+def _vocabulary(tokenizer, recorded: dict, meta: dict, where: str) -> tuple[int, int]:
   if tokenizer is not None:
     return tokenizer.vocab_size, tokenizer.mask_id
-  if 'vocab_size' in meta and 'mask_id' in meta:
-    return int(meta['vocab_size']), int(meta['mask_id'])
+  for source in (recorded, meta):
+    if 'vocab_size' in source and 'mask_id' in source:
+      return int(source['vocab_size']), int(source['mask_id'])
   raise ValueError(f'{where} records no vocabulary: pass the tokenizer or the config it was '
                    'trained with.')
+
+
+def _check_recorded(config, recorded: dict, directory: str) -> None:
+  differ = [f'model.{key}={recorded[key]!r} (given {config.model.get(key)!r})'
+            for key in RECORDED_MODEL_KEYS
+            if key in recorded and config.model.get(key) != recorded[key]]
+  if differ:
+    raise ValueError(f'{directory} was trained with {", ".join(differ)} '
+                     f'({provenance.config_path(directory)}); use the config it was trained with.')
 
 
 def _check_tokenizer(tokenizer, meta: dict, rows: int, where: str) -> None:
@@ -136,7 +158,7 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
   config: build the model from config.model (remat, vocabulary padding and dtype included)
     and check the stored shapes equal it; without it the architecture comes from the shapes.
   tokenizer: the stored vocabulary must hold its ids (and equal a recorded one).
-  dtype: compute dtype without a config (default float32).
+  dtype: compute dtype without a config (default: the recorded model.dtype, else float32).
   """
   where = params_dir(directory)
   if not checkpoints.has_params(where):
@@ -149,8 +171,9 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
     raise ValueError(f'{where} is not a model export of this project (top-level tensors '
                      f'{sorted(shapes)}).')
   if kind is not None and kind != stored_kind:
-    want = 'an AR model' if kind == 'ar' else 'a PFLM student'
-    raise ValueError(f'{where} holds a {stored_kind} model, but {want} is needed here.')
+    what = {'ar': 'an AR model', 'pflm': 'a PFLM student'}
+    raise ValueError(f'{where} holds {what[stored_kind]}, but {what.get(kind, kind)} is needed '
+                     'here.')
   k = 1 if stored_kind == 'ar' else int(meta.get('k') or stage_k(directory) or 0)
   if k < 1:
     raise ValueError(f'{where} is a student export without its window k (meta or '
@@ -158,17 +181,20 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
   backbone_shapes = shapes['backbone'] if stored_kind == 'pflm' else shapes
   if tokenizer is not None:
     _check_tokenizer(tokenizer, meta, backbone_shapes['embed'][0], where)
+  recorded = recorded_model(directory)
   if config is not None:
+    _check_recorded(config, recorded, directory)
     model = models.teacher(config) if stored_kind == 'ar' else models.student(config, k)
     difference = models.shape_difference(model.param_shapes, shapes)
     if difference:
       raise ValueError(f'{where} does not match config.model: {difference}. Use the config '
                        'the model was trained with.')
   else:
-    vocab_size, mask_id = _vocabulary(tokenizer, meta, where)
+    vocab_size, mask_id = _vocabulary(tokenizer, recorded, meta, where)
+    dtype = dtype or recorded.get('dtype') or meta.get('dtype', 'float32')
     try:
-      model = models.from_shapes(shapes, vocab_size=vocab_size, mask_id=mask_id,
-                                 dtype=dtype or meta.get('dtype', 'float32'), k_max=k)
+      model = models.from_shapes(shapes, vocab_size=vocab_size, mask_id=mask_id, dtype=dtype,
+                                 k_max=k)
     except ValueError as e:
       raise ValueError(f'{where}: {e}') from e
   params, meta = checkpoints.import_params(where, layout.abstract_params(model))

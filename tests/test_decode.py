@@ -19,7 +19,7 @@ import pytest
 from configs import test_tiny
 from kforcing_jax import decode, distill, models
 from kforcing_jax.models import FunctionalModel
-from kforcing_jax.models.student import sinusoidal_features
+from kforcing_jax.models.pflm import sinusoidal_features
 from tests.helpers import params as params_lib
 
 BATCH = 3

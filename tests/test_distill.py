@@ -9,8 +9,7 @@ import pytest
 
 from kforcing_jax import decode, distill, sampling, teacher
 from kforcing_jax.models import BackboneConfig, FunctionalModel
-# models.student (the factory function) shadows the models/student.py module as an attribute
-from kforcing_jax.models.student import init_from
+from kforcing_jax.models.pflm import init_from
 
 CFG = BackboneConfig(vocab_size=64, num_real_tokens=64, mask_id=0, d_model=32, num_layers=2,
                      num_heads=4)

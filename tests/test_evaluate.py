@@ -290,10 +290,16 @@ def test_mains_parse_their_flags():
 
 
 def test_decode_speed_benchmark_writes_speedups(tmp_path):
-  from kforcing_jax.benchmarks import decode_speed
-  config = tiny_config(batch_sizes=(2,))
+  # run as its command: a main defines absl flags, which must not meet another main's in-process
   output = str(tmp_path / 'bench' / 'speed.json')
-  decode_speed.benchmark(config, output, [2], repeats=1)
+  out = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.benchmarks.decode_speed',
+       '--config=configs/test_tiny.py', '--config.decode.gen_len=16',
+       '--config.decode.prefix_len=4', '--config.eval.batch_sizes=(2,)', '--ks=2',
+       '--repeats=1', f'--output={output}'],
+      capture_output=True, text=True, check=False,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
   with open(output) as f:
     result = json.load(f)
   assert set(result['speedup_vs_ar']) == {'ar', 'pflm_k2'}

@@ -13,7 +13,7 @@ import pytest
 from scipy import special
 
 from kforcing_jax.models import BackboneConfig, FunctionalModel
-from kforcing_jax.models.student import sinusoidal_features  # models.student is the factory
+from kforcing_jax.models.pflm import sinusoidal_features
 
 B, N, K = 2, 6, 3
 CFG = BackboneConfig(vocab_size=64, num_real_tokens=60, mask_id=0, d_model=32, num_layers=2,

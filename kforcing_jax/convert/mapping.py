@@ -1,4 +1,4 @@
-"""PyTorch tensors -> our parameter tree (layouts in models/backbone.py and models/student.py).
+"""PyTorch tensors -> our parameter tree (layouts in models/backbone.py and models/pflm.py).
 
 PyTorch Linear computes y = x W^T with W (out, in); our kernels are (in, ..., out). The fused
 QKV rows are [Q heads | K heads | V heads], each head Dh consecutive rows, so its transpose
@@ -43,7 +43,7 @@ def backbone_params(state: dict, dims: layout.Dims, padded_vocab: int) -> dict:
 
 def noise_encoder_params(state: dict) -> dict:
   """combined_proj's input columns are cos(u) | sin(u) | cos(tau) | sin(tau), the order of
-  [sinusoidal_features(u) | sinusoidal_features(tau)] in models/student.py."""
+  [sinusoidal_features(u) | sinusoidal_features(tau)] in models/pflm.py."""
   p = layout.NOISE_ENCODER
   return {
       'proj': state[p + 'combined_proj.weight'].T,

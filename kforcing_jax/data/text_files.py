@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from kforcing_jax.data.errors import DatasetMissingError
+from kforcing_jax.data.local_builder import LocalBuilder
 
 SUFFIXES = ('.txt', '.jsonl')
 SPLITS = ('train', 'validation', 'test')
@@ -98,20 +99,13 @@ def iter_documents(root: str | os.PathLike,
             yield f'{relative}:{number}', text
 
 
-class TextFiles(tfds.core.GeneratorBasedBuilder):
+class TextFiles(LocalBuilder):
   """Documents from the *.txt / *.jsonl files in manual_dir; train, validation and test."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Documents from *.txt / *.jsonl files in manual_dir; 5% + 5% '
                             'held out by the CRC32 rank of their keys.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  # TFDS's default `code_path` needs `importlib_resources`, which tensorflow-datasets 4.9.10
-  # imports but does not install; this module's file is the answer it would compute.
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 
 from kforcing_jax.models.backbone import REMAT_POLICIES, Backbone, BackboneConfig
-from kforcing_jax.models.student import PushForwardLM
+from kforcing_jax.models.pflm import PushForwardLM
 
 KINDS = ('ar', 'pflm')
 
