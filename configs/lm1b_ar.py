@@ -2,7 +2,7 @@
 
 Needs TFDS lm1b under data.data_dir (e.g. gs://bucket/tensorflow_datasets) and the bert
 vocab.txt at data.tokenizer_path. Runs where the hardware and data exist (a TPU slice). The
-same file carries the distillation schedule (config.distill) used by `kforcing_jax.distill`.
+same file carries the distillation schedule (config.distill) used by `kforcing_jax.main.distill`.
 """
 
 from configs import common, paper_protocol

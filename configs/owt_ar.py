@@ -3,7 +3,7 @@
 OpenWebText is read as a `text_files` folder: the downloaded *.txt (or *.jsonl) files in
 data.manual_dir (kforcing_jax/data/text_files.py says how to lay them out), with the GPT-2
 encoder.json + vocab.bpe in data.tokenizer_path. The same file carries the distillation
-schedule (config.distill) used by `kforcing_jax.distill`.
+schedule (config.distill) used by `kforcing_jax.main.distill`.
 """
 
 from configs import common, paper_protocol

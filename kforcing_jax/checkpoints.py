@@ -15,12 +15,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs with the given shardings: the restore target for `tree`'s structure."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 class Checkpointer:
   """Keep-last-N, asynchronous saves of {'state': pytree, 'meta': json} under `directory`."""
 

@@ -4,8 +4,10 @@ libraries, distributed start-up and the error guard.
 A main under kforcing_jax/main/ is then one line over a library call:
 
     cli.main(teacher.run)                   # parse, start up, run(config, workdir)
+    cli.main(distill.run, only_stage=lambda: _STAGE.value)   # plus a flag of its own
 
-or, for mains with flags of their own, `cli.run(main)` around a function that calls `start()`.
+and a main whose library call is not `run(config, workdir, ...)` (convert, reproduce) wraps its
+own `main(argv)` in `cli.run`, calling `start()` first.
 """
 
 import os

@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from kforcing_jax import sampling, sharding, train_state
+from kforcing_jax import progress, sampling, sharding, train_state
 from kforcing_jax.models import FunctionalModel
 
 CACHE_AXES = ('batch', 'heads', 'cache_length', 'head_dim')
@@ -295,8 +295,14 @@ def sharded_decoder(model: FunctionalModel, mesh, rules, kind: str, **static) ->
 
 def freq_penalty(config, k: int) -> float:
   """The frequency penalty lambda a k-token decode uses: config.decode.freq_penalty[str(k)]
-  (the authors' values per k), and 0 for a k the table does not list. The one rule."""
-  return float(config.decode.freq_penalty.get(str(k), 0.0))
+  (the authors' values per k), and 0 (said in the log) for a k the table does not list. The
+  one rule; reproduce refuses an unlisted K instead, since its protocol is the authors'."""
+  table = config.decode.freq_penalty
+  if str(k) not in table:
+    progress.log(f'config.decode.freq_penalty has no entry for k={k}: decoding it with penalty 0 '
+                 f'(add "{k}" to the table to change that).')
+    return 0.0
+  return float(table[str(k)])
 
 
 @dataclasses.dataclass(frozen=True)

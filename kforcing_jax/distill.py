@@ -143,9 +143,6 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
 
 # ----------------------------------------------------------------------------- stages
 
-NOISE_KEYS = {'u': 3, 'tau': 1, 'r': 3}  # stage noise arrays and their ranks
-
-
 def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc):
   """Host-side noises for one global batch: u (B, N, k), tau (B,), r (B, N, k).
 
@@ -241,8 +238,12 @@ def load_teachers(config, workdir: str, layout: sharding.Layout, prev_k: int | N
   ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config)
   if prev_k is None:
     return Teachers(ar, ar)
-  return Teachers(rundir.load_export(rundir.stage_dir(workdir, prev_k), layout, kind='pflm',
-                                     config=config), ar)
+  teacher = rundir.load_export(rundir.stage_dir(workdir, prev_k), layout, kind='pflm',
+                               config=config)
+  if teacher.k != prev_k:
+    raise ValueError(f'{teacher.directory} holds a k={teacher.k} student, but stage '
+                     f'k={2 * prev_k} needs the k={prev_k} stage: re-run that stage.')
+  return Teachers(teacher, ar)
 
 
 def make_stage_eval(student: FunctionalModel, teachers: Teachers, k: int, batches):

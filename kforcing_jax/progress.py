@@ -69,7 +69,11 @@ def dumps(value: Any, **kwargs) -> str:
 
 
 def write_json(path: str | epath.PathLike, value: Any) -> None:
-  """Writes `value` as indented JSON to `path` (local or gs://), creating the parent folders."""
+  """Writes `value` as indented JSON to `path` (local or gs://), creating the parent folders.
+
+  Process 0 writes; the other processes of a multi-host run return (their copy would race)."""
+  if not is_main_process():
+    return
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(dumps(value, indent=2) + '\n')

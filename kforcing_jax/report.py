@@ -158,9 +158,17 @@ def results_path(report_dir: str) -> str:
 
 
 def read(report_dir: str) -> Results | None:
-  """The Results in <report_dir>/results.json, None when there is none."""
+  """The Results in <report_dir>/results.json; None when there is none, or when it was written
+  in another schema version (an older evaluation: it is then redone, and the log says so)."""
   obj = progress.read_json(results_path(report_dir))
-  return None if obj is None else Results.from_json(obj)
+  if obj is None:
+    return None
+  if isinstance(obj, dict) and obj.get('schema_version') != SCHEMA_VERSION:
+    progress.log(f'[report] {results_path(report_dir)} has schema_version '
+                 f'{obj.get("schema_version")}, this code writes {SCHEMA_VERSION}: evaluating '
+                 'again')
+    return None
+  return Results.from_json(obj)
 
 
 def write(report_dir: str, results: Results) -> None:

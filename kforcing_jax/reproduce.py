@@ -4,7 +4,7 @@
       --ar=DIR --pflm=DIR --prefix_file=F.jsonl --out=OUTDIR [--config.reproduce.<field>=...]
 
 The config names the task: tokenizer (config.data), total length (decode.gen_len: LM1B 128,
-OWT 1024) and the authors' penalties (decode.freq_penalty, read through decode.freq_penalty);
+OWT 1024) and the authors' penalties (config.decode.freq_penalty, read through decode.freq_penalty);
 config.reproduce holds the protocol settings (listed in configs/paper_protocol.py). --ar /
 --pflm are run directories (ours or the converter's): the AR model and the widest student,
 loaded by rundir.load_export (architecture from the stored shapes, vocabulary checked against
@@ -200,6 +200,8 @@ def check_settings(r, ar: str | None, pflm: str | None) -> None:
     raise ValueError('reproduce.n_warmup_batches, max_prefixes and max_new_tokens must be >= 0.')
   if pflm and (not r.ks or min(r.ks) < 1 or len(set(r.ks)) < len(r.ks)):
     raise ValueError(f'reproduce.ks={tuple(r.ks)}: give distinct positive K values.')
+  if r.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f'reproduce.dtype={r.dtype!r}: expected float32 or bfloat16.')
 
 
 def load_models(r, ar: str | None, pflm: str | None, layout, tokenizer, prompt_len: int):
@@ -328,6 +330,9 @@ def run(config, *, prefix_file: str, out: str, ar: str | None = None, pflm: str 
         log=None) -> dict:
   """Decode, time and score every model; write OUTDIR (process 0). Returns results.json's
   content plus, under "tokens", each model's (total_samples, total length) token array."""
+  if 'reproduce' not in config:
+    raise ValueError('this config has no `reproduce` block (the protocol settings): use '
+                     'configs/lm1b_ar.py or configs/owt_ar.py, or a config built on them.')
   r, log = config.reproduce, log or _timed_log()
   check_settings(r, ar, pflm)
   c = _context(config, prefix_file, out, log)

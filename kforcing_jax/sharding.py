@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kforcing_jax import progress
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # logical name -> mesh axes. The first logical dim that claims a mesh axis keeps it; a later
@@ -135,12 +137,11 @@ def log_parameter_shardings(logical_tree, shapes, mesh: Mesh, rules=DEFAULT_RULE
     size = math.prod(shp.shape)
     total += size
     name = jax.tree_util.keystr(path)
-    if verbose and jax.process_index() == 0:
-      print(f'  param {name:<40s} {str(shp.shape):<20s} {spec}')
+    if verbose:
+      progress.log(f'  param {name:<40s} {str(shp.shape):<20s} {spec}')
     if size >= large and all(s is None for s in spec):
       replicated_large.append(name)
-  if jax.process_index() == 0:
-    print(f'  parameters: {total:,} ({total / 1e6:.2f}M) on mesh {dict(mesh.shape)}', flush=True)
+  progress.log(f'  parameters: {total:,} ({total / 1e6:.2f}M) on mesh {dict(mesh.shape)}')
   if mesh.shape['fsdp'] > 1 and replicated_large:
     raise ValueError(f'fsdp={mesh.shape["fsdp"]} but these large parameters stay fully '
                      f'replicated: {replicated_large}; fix config.sharding_rules.')

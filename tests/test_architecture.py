@@ -130,3 +130,17 @@ def test_parameters_are_imported_in_one_place():
 def test_rules_see_a_violation(source, rule, expected):
   # the checks above would pass vacuously if these detectors never fired
   assert expected in rule(ast.parse(source))
+
+
+def test_slow_tests_are_marked():
+  # make test-fast deselects -m slow: without marked tests it would silently run everything
+  marked = [relative(p) for p in python_files('tests') if 'pytest.mark.slow' in p.read_text()
+            and p.name != 'test_architecture.py']
+  assert len(marked) >= 5, marked
+
+
+def test_config_rules_equal_the_library_default():
+  # configs/ may not import the library, so the rules table is written twice; keep them equal
+  from configs import common
+  from kforcing_jax import sharding
+  assert tuple(tuple(r) for r in common.base_config().sharding_rules) == sharding.DEFAULT_RULES

@@ -16,6 +16,8 @@ from configs import test_tiny
 from kforcing_jax import models
 from launch import compile_tpu
 
+pytestmark = pytest.mark.slow  # compiles every program of a config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_HBM_GIB = 1e-6  # ~1 KiB: below the peak of any program
 

@@ -407,6 +407,7 @@ def test_converted_run_loads_through_our_paths(tmp_path):
                                 np.asarray(evaluator.params['head']))
 
 
+@pytest.mark.slow
 def test_commands_write_and_convert_a_synthetic_checkpoint(tmp_path, monkeypatch):
   """main/synthetic_checkpoint.py then main/convert.py, as the README runs them: the --config
   path given on the command line is the base DST/config.py loads."""

@@ -528,3 +528,14 @@ def test_own_folder_prepares_trains_a_bpe_packs_and_batches(tmp_path, capsys):
   with pytest.raises(ValueError, match=r'already holds text_files built from .*mytext.*'
                                        r'--config.data.data_dir'):
     data.prepare(config)
+
+
+@pytest.mark.parametrize('name, content, words', [
+    ('a.jsonl', b'{"text": "fine"}\n{"txt": "no text key"}\n', 'a.jsonl line 2 has no "text"'),
+    ('b.jsonl', b'{"text": "fine"}\nnot json\n', 'b.jsonl line 2 is not JSON'),
+    ('c.txt', b'caf\xe9 latin-1\n', 'c.txt is not UTF-8 text'),
+])
+def test_bad_user_files_are_named(tmp_path, name, content, words):
+  (tmp_path / name).write_bytes(content)
+  with pytest.raises(ValueError, match=words):
+    list(text_files.iter_documents(tmp_path, text_files.find_manual_files(tmp_path)))

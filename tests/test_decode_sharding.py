@@ -12,6 +12,8 @@ from jax.sharding import PartitionSpec
 
 from tests.helpers import fake_devices
 
+pytestmark = pytest.mark.slow  # 8 fake devices in a subprocess
+
 RUNS = ('1:8', '8,1,1:8', '2,2,2:8', '1:3', '2,2,2:3')
 # float32 matmuls split over fsdp/tensor devices sum in another order: logits agree to ~2e-6
 # (measured 1.8e-6); a layout bug (wrong rows, wrong cache slots) is O(1).

@@ -141,6 +141,7 @@ def test_data_term_refuses_gradient_accumulation(tiny_data_config, tmp_path):
     distill.run(tiny_data_config, str(tmp_path), only_stage=1)
 
 
+@pytest.mark.slow
 def test_short_stage_learns_to_use_the_noise(tiny_data_config, tmp_path):
   """A few hundred k=1 steps beat the ignore-the-noise baseline E[max p] on held-out text."""
   config = tiny_data_config

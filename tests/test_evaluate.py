@@ -236,6 +236,7 @@ def test_time_batches_folds_the_key_per_batch_and_times_each():
   assert calls == [folded[0]] + folded  # the warm-up decodes batch 0 with its key
 
 
+@pytest.mark.slow
 def test_run_writes_a_valid_report(tmp_path):
   workdir = str(tmp_path / 'run')
   config = tiny_config()

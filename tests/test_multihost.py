@@ -24,6 +24,8 @@ from configs import test_tiny
 from kforcing_jax import checkpoints, models
 from tests.helpers import params as params_lib
 
+pytestmark = pytest.mark.slow  # two processes with jax.distributed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 TIMEOUT_S = 420

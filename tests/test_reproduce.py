@@ -190,6 +190,7 @@ def _run(run_dir, out, **overrides):
                        log=lambda msg: None, **dirs)
 
 
+@pytest.mark.slow
 def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
   out = tmp_path / 'out'
   results = _run(run_dir, out)

@@ -17,6 +17,7 @@ def mesh_results():
   return fake_devices.run_json('tests.helpers.sharded_steps', *MESHES, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', MESHES[1:])
 @pytest.mark.parametrize('what', ['teacher', 'distill'])
 def test_sharded_step_matches_single_device(mesh_results, mesh, what):

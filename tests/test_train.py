@@ -40,6 +40,7 @@ class Interrupt(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(tiny_data_config, tmp_path, monkeypatch):
   config = tiny_data_config
   config.train.steps = 20

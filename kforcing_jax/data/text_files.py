@@ -82,21 +82,42 @@ def split_of_rank(rank: int, cuts: tuple[int, int]) -> str:
 
 def iter_documents(root: str | os.PathLike,
                    files: list[epath.Path]) -> Iterator[tuple[str, str]]:
-  """(key, text) for every non-empty document in `files`."""
+  """(key, text) for every non-empty document in `files`; a file that is not UTF-8 text is an
+  error naming it."""
   root = epath.Path(root)
   for path in files:
-    relative = path.relative_to(root).as_posix()
-    if path.suffix == '.txt':
-      text = path.read_text(encoding='utf-8').strip()
-      if text:
-        yield relative, text
-      continue
-    with path.open('r', encoding='utf-8') as lines:
-      for number, line in enumerate(lines):
-        if line.strip():
-          text = json.loads(line)['text'].strip()
-          if text:
-            yield f'{relative}:{number}', text
+    try:
+      yield from _file_documents(path, path.relative_to(root).as_posix())
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to '
+                       'UTF-8 or move it out of data.manual_dir.') from None
+
+
+def _file_documents(path: epath.Path, relative: str) -> Iterator[tuple[str, str]]:
+  if path.suffix == '.txt':
+    text = path.read_text(encoding='utf-8').strip()
+    if text:
+      yield relative, text
+    return
+  with path.open('r', encoding='utf-8') as lines:
+    for number, line in enumerate(lines):
+      if line.strip():
+        text = _jsonl_text(line, path, number)
+        if text:
+          yield f'{relative}:{number}', text
+
+
+def _jsonl_text(line: str, path, number: int) -> str:
+  """The stripped "text" of one jsonl line; a line that has none is an error naming it."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} line {number + 1} is not JSON ({e.msg}); expected one object per '
+                     'line like {"text": "..."}.') from None
+  if not isinstance(record, dict) or not isinstance(record.get('text'), str):
+    raise ValueError(f'{path} line {number + 1} has no "text" string; expected one object per '
+                     'line like {"text": "..."}.')
+  return record['text'].strip()
 
 
 class TextFiles(LocalBuilder):

@@ -9,7 +9,7 @@ import time
 from kforcing_jax import cli, data, distill, distributed, evaluate, progress, rundir, teacher
 
 
-def pipeline(config, workdir: str) -> None:
+def pipeline(config, workdir: str, config_name: str | None = None) -> None:
   t0 = time.time()
   progress.log('\n=== 1/4 prepare data ===')
   distributed.main_process_first('prepare data', lambda: data.prepare(config))
@@ -19,10 +19,10 @@ def pipeline(config, workdir: str) -> None:
                + ' ===')
   distill.run(config, workdir)
   progress.log('\n=== 4/4 evaluate ===')
-  evaluate.run(config, workdir)
+  evaluate.run(config, workdir, config_name=config_name)
   progress.log(f'\n=== done in {progress.format_duration(time.time() - t0)}: see '
                f'{rundir.report_dir(workdir)}/REPORT.md ===')
 
 
 if __name__ == '__main__':
-  cli.main(pipeline)
+  cli.main(pipeline, config_name=cli.config_file)
