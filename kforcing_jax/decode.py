@@ -341,7 +341,8 @@ def decoder(export, layout, *, gen_len: int, k: int | None = None, eos_id: int |
 
 
 def complete(dec: Decoder, tokenizer, prompts: list[str], key) -> list[str]:
-  """Text in, text out: every prompt tokenized, decoded by `dec`, detokenized up to EOS.
+  """Text in, text out: every prompt tokenized, decoded by `dec`, detokenized (without the
+  padding after EOS when `dec` was built with an eos_id).
 
   Prompts are cut to the shortest one's length (one compiled shape)."""
   encoded = [tokenizer.encode(p) for p in prompts]
