@@ -11,12 +11,8 @@ written into the cache at c. Hint slots are never cached.
 Noise: the uniform for output position j of row b is uniform(fold_in(key, j))[b], so the AR
 decoder and a student of any k see the same u at the same position, and a run is reproducible.
 
-Sharding: `generate_ar` / `generate_pflm` are plain jits that follow their inputs' placement
-(one device in tests). `sharded_decoder(model, mesh, rules, kind, ...)` is the same loop with
-declared shardings: parameters by the logical-axis rules, prompts and outputs split over the
-batch axes, KV caches constrained by name (batch, heads, cache_length, head_dim). A batch that
-does not divide the batch axes is replicated (every device decodes every row), never padded:
-padding would change the (batch,)-shaped noise draws and so the tokens.
+`generate_ar` / `generate_pflm` are plain jits; `sharded_decoder` is the same loop with declared
+shardings, and `decoder(export, layout, ...)` binds a loaded model to its settings (`Decoder`).
 """
 
 import dataclasses
@@ -238,7 +234,8 @@ DECODE_LOOPS = {'ar': ar_decode_loop, 'pflm': pflm_decode_loop}
 
 
 def rows_sharding(mesh, rules, shape, vocab_last: bool = False) -> NamedSharding:
-  """Dim 0 over the batch axes when it divides them, else replicated (see the module doc)."""
+  """Dim 0 over the batch axes when it divides them, else replicated: every device decodes
+  every row, never padded rows, which would change the (batch,)-shaped noise draws."""
   return NamedSharding(mesh, sharding.logical_to_spec(row_axes(len(shape), vocab_last), rules,
                                                       shape, mesh))
 
@@ -249,9 +246,9 @@ def sharded_decoder(model: FunctionalModel, mesh, rules, kind: str, **static) ->
 
   kind: 'ar' (noise_scale = temperature) or 'pflm' (noise_scale = tau); `static` are the loop's
   keyword arguments (gen_len, eos_id, k, freq_penalty, return_logits). One jit per prompt
-  shape, with in/out shardings declared: params as `train_state.param_shardings` lays them out
-  (what `checkpoints.import_params` returns), prompts and outputs by `rows_sharding`, the key
-  and noise_scale replicated. Prompts, key and noise_scale may be host values (identical on
+  shape, with in/out shardings declared: params by the logical-axis rules (as
+  `rundir.load_export` places them), prompts and outputs by `rows_sharding`, KV caches
+  constrained by name, the key and noise_scale replicated. Prompts, key and noise_scale may be host values (identical on
   every process); on several processes read the result with `to_host`.
   """
   if kind not in DECODE_LOOPS:
