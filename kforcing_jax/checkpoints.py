@@ -75,30 +75,46 @@ def export_params(directory: str, params, meta: dict) -> None:
 
 
 def has_params(directory: str) -> bool:
-  return epath.Path(directory).is_dir() and Checkpointer(directory).latest_step() is not None
-
-
-def _latest_export(directory: str) -> tuple[Checkpointer, int]:
+  if not epath.Path(directory).is_dir():
+    return False
   ckpt = Checkpointer(directory, keep=1, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no parameters exported under {directory}.')
-  return ckpt, step
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
 
 
-def stored_shapes(directory: str) -> dict:
-  """Nested dict of the parameter shapes in a params-only export, read without the arrays."""
-  ckpt, step = _latest_export(directory)
-  return ckpt.state_shapes(step)
+class ExportReader:
+  """One params-only export opened once: its shapes and meta without the arrays, then the
+  arrays onto a restore target. Use as a context manager (closes the orbax manager)."""
 
+  def __init__(self, directory: str):
+    self._ckpt = Checkpointer(directory, keep=1, async_save=False)
+    self.step = self._ckpt.latest_step()
+    if self.step is None:
+      self._ckpt.close()
+      raise FileNotFoundError(f'no parameters exported under {directory}.')
 
-def stored_meta(directory: str) -> dict:
-  """The meta dict of a params-only export ({'kind', 'k', 'steps', ...}), without the arrays."""
-  ckpt, step = _latest_export(directory)
-  return ckpt.read_meta(step)
+  def __enter__(self) -> 'ExportReader':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._ckpt.close()
+
+  def shapes(self) -> dict:
+    """Nested dict of the parameter shapes, read without the arrays."""
+    return self._ckpt.state_shapes(self.step)
+
+  def meta(self) -> dict:
+    """The meta dict saved with the export ({'kind', 'k', 'steps', ...})."""
+    return self._ckpt.read_meta(self.step)
+
+  def import_params(self, abstract_params):
+    """The parameters on `abstract_params`' shardings. Returns (params, meta)."""
+    return self._ckpt.restore(self.step, abstract_params)
 
 
 def import_params(directory: str, abstract_params):
   """Load a params-only export onto `abstract_params`' shardings. Returns (params, meta)."""
-  ckpt, step = _latest_export(directory)
-  return ckpt.restore(step, abstract_params)
+  with ExportReader(directory) as reader:
+    return reader.import_params(abstract_params)

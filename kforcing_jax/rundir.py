@@ -161,11 +161,24 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
   dtype: compute dtype without a config (default: the recorded model.dtype, else float32).
   """
   where = params_dir(directory)
-  if not checkpoints.has_params(where):
+  try:
+    reader = checkpoints.ExportReader(where) if epath.Path(where).is_dir() else None
+  except FileNotFoundError:
+    reader = None
+  if reader is None:
     raise FileNotFoundError(f'no exported model at {where}: train it first (`python -m '
                             'kforcing_jax.main.pipeline`, or the train / distill commands).')
-  shapes = checkpoints.stored_shapes(where)
-  meta = checkpoints.stored_meta(where)
+  with reader:
+    shapes, meta = reader.shapes(), reader.meta()
+    model = _model_for(directory, shapes, meta, kind, config, tokenizer, dtype)
+    params, meta = reader.import_params(layout.abstract_params(model))
+  return Export(model, params, meta, str(directory))
+
+
+def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, config, tokenizer,
+               dtype: str | None) -> models.FunctionalModel:
+  """The model a stored export describes, checked against what the caller needs and gave."""
+  where = params_dir(directory)
   stored_kind = models.kind_of_shapes(shapes)
   if stored_kind is None:
     raise ValueError(f'{where} is not a model export of this project (top-level tensors '
@@ -197,5 +210,5 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
                                  k_max=k)
     except ValueError as e:
       raise ValueError(f'{where}: {e}') from e
-  params, meta = checkpoints.import_params(where, layout.abstract_params(model))
-  return Export(model, params, meta, str(directory))
+  return model
+
