@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4
   c.model.dtype = 'float32'          # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = 'none'             # training forwards: none | full | dots (models/backbone.py)
+  # the noise -> token map shared by AR decoding, distillation targets, noise inversion and the
+  # agreement metrics: id (the authors') | sorted (descending probability); sampling.py
+  c.model.cdf_order = 'id'
+  c.model.noise_scale = 1.0          # student noise encoder reads phi(noise_scale * u)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
@@ -52,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.1
   c.train.b1 = 0.9
   c.train.b2 = 0.95
+  c.train.eps = 1e-8
   c.train.grad_clip = 1.0
   c.train.log_every = 10
   c.train.eval_every = 200
@@ -71,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.weight_decay = 0.0
   c.distill.b1 = 0.9
   c.distill.b2 = 0.95
+  c.distill.eps = 1e-8
   c.distill.grad_clip = 1.0
   c.distill.tau_range = (1.0, 1.0)   # tau ~ U[lo, hi] per sequence; (1, 1) = fixed 1.0
   c.distill.data_weight = 0.0        # weight of the noise-inversion data term (0 = off)
@@ -93,7 +99,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_samples = 32            # completions per model for the quality metrics
   c.eval.batch_sizes = (1, 4, 16, 64, 256)
   c.eval.repeats = 3                 # timed repeats per (model, batch); the median is reported
-  c.eval.evaluator_workdir = ''      # a second AR model's run dir (its teacher/params), or ''
+  # a second AR model's run dir (its teacher/params), or '' for the pipeline's own evaluator
+  # (<workdir>/evaluator, trained from config.eval.evaluator) when there is one
+  c.eval.evaluator_workdir = ''
+  # the independent evaluator the pipeline trains: the run's data and config.train, another
+  # seed, a smaller model and its own step count (steps = 0: none). Sized for the demo machine.
+  c.eval.evaluator = ml_collections.ConfigDict()
+  c.eval.evaluator.seed = 1
+  c.eval.evaluator.d_model = 64
+  c.eval.evaluator.num_layers = 2
+  c.eval.evaluator.num_heads = 2
+  c.eval.evaluator.steps = 300
+  # held-out batches (distill.batch_size rows of distill.seq_len) of the agreement with the AR
+  # teacher's own noise -> token map (agreement.py)
+  c.eval.agreement_batches = 16
   return c
 
 
@@ -105,6 +124,9 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.num_layers = 12
   c.model.num_heads = 12
   c.model.dtype = 'bfloat16'
+  # the authors' sampler and noise encoder: what their released checkpoints learned
+  c.model.cdf_order = 'id'
+  c.model.noise_scale = 1.0
   c.train.batch_size = 512
   c.train.steps = 1_000_000
   c.train.learning_rate = 3e-4

@@ -81,7 +81,8 @@ def ar_step(backbone, cache, token, pos, u, temperature):
   """The AR loop body: token (B, 1) at position `pos` -> (next token (B,), its logits, cache)."""
   hidden, cache = window_step(backbone, cache, pos, backbone.embed_tokens(token), pos[None], 1)
   logits = backbone.logits(hidden[:, 0])
-  return sampling.inverse_cdf_sample(logits, u, temperature), logits, cache
+  return (sampling.inverse_cdf_sample(logits, u, temperature, backbone.cfg.cdf_order), logits,
+          cache)
 
 
 def pflm_step(backbone, cache, pending, start, hints, counts, freq_penalty: float, active):

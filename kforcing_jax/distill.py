@@ -30,7 +30,8 @@ from kforcing_jax.models.pflm import init_from
 def ar_targets(teacher: FunctionalModel, params, tokens, u, tau):
   """k = 1 targets (B, N, 1): inverse-CDF sample of the AR teacher at every window."""
   logits, _ = teacher.module(params)(tokens)
-  return sampling.inverse_cdf_sample(logits, u[..., 0], tau[:, None])[..., None]
+  return sampling.inverse_cdf_sample(logits, u[..., 0], tau[:, None],
+                                     teacher.cfg.cdf_order)[..., None]
 
 
 def rollout_targets(teacher: FunctionalModel, params, tokens, u, tau):
@@ -79,7 +80,7 @@ def greedy_rollout(ar: FunctionalModel, params, tokens, k: int):
 
 def inverted_noise(ar: FunctionalModel, params, tokens, k: int, r, tau):
   """Noise inversion of real continuations: u_{t,i} uniform inside the AR teacher's CDF
-  interval of the real token x_{t+i} (same id order as the sampler). r: (B, N, k) in [0,1).
+  interval of the real token x_{t+i} (the sampler's order, model.cdf_order). r: (B, N, k) in [0,1).
   Returns (u (B, N, k), real targets (B, N, k), valid (B, N, k)): slot i of window t is
   valid when x_{t+i} is inside the sequence and has a non-empty interval."""
   logits, _ = ar.module(params)(tokens)
@@ -89,7 +90,7 @@ def inverted_noise(ar: FunctionalModel, params, tokens, k: int, r, tau):
   valid = idx + 1 < n
   pred = jnp.minimum(idx, n - 1)
   target = jnp.take(tokens, jnp.minimum(idx + 1, n - 1), axis=1)      # (B, N, k)
-  lo, hi = sampling.token_cdf_interval(probs[:, pred], target)
+  lo, hi = sampling.token_cdf_interval(probs[:, pred], target, ar.cfg.cdf_order)
   u = jnp.minimum(lo + (hi - lo) * r, jnp.nextafter(hi, 0.0))
   # a real token whose probability is below float32 resolution has an empty interval: no u
   # reproduces it, so that slot is left out of the data term

@@ -4,6 +4,7 @@
                                config.json, TensorBoard events
     <workdir>/student_k{K}/    the distillation stage with window k = K (same files)
     <workdir>/report/          evaluate's results.json, REPORT.md and plots
+    <workdir>/evaluator/       the independent AR evaluator's own run directory (its teacher/)
 
 A *model directory* is teacher/ or one student_k{K}/; its params/ is a params-only export and
 its config.json the run record training wrote (provenance.py). `load_export` is the one loader
@@ -22,6 +23,7 @@ from etils import epath
 from kforcing_jax import checkpoints, models, provenance, sharding
 
 TEACHER = 'teacher'
+EVALUATOR = 'evaluator'
 STUDENT_PREFIX = 'student_k'
 _STUDENT_NAME = re.compile(rf'^{STUDENT_PREFIX}([1-9][0-9]*)$')
 
@@ -62,6 +64,11 @@ def eval_path(directory: str) -> str:
 
 def report_dir(workdir: str) -> str:
   return _join(workdir, 'report')
+
+
+def evaluator_workdir(workdir: str) -> str:
+  """The run directory of the pipeline's independent AR evaluator (its own teacher/ inside)."""
+  return _join(workdir, EVALUATOR)
 
 
 def stage_k(directory: str) -> int | None:
@@ -110,6 +117,8 @@ class Export:
 
 # model settings that change what the parameters mean without changing their shapes
 RECORDED_MODEL_KEYS = ('vocab_size', 'mask_id')
+# ... and what a student learned: its noise -> token map and its noise encoder's input scale
+RECORDED_STUDENT_KEYS = ('cdf_order', 'noise_scale')
 
 
 def recorded_model(directory: str) -> dict:
@@ -128,9 +137,9 @@ def _vocabulary(tokenizer, recorded: dict, meta: dict, where: str) -> tuple[int,
                    'trained with.')
 
 
-def _check_recorded(config, recorded: dict, directory: str) -> None:
+def _check_recorded(config, recorded: dict, directory: str, keys) -> None:
   differ = [f'model.{key}={recorded[key]!r} (given {config.model.get(key)!r})'
-            for key in RECORDED_MODEL_KEYS
+            for key in keys
             if key in recorded and config.model.get(key) != recorded[key]]
   if differ:
     raise ValueError(f'{directory} was trained with {", ".join(differ)} '
@@ -196,7 +205,8 @@ def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, confi
     _check_tokenizer(tokenizer, meta, backbone_shapes['embed'][0], where)
   recorded = recorded_model(directory)
   if config is not None:
-    _check_recorded(config, recorded, directory)
+    _check_recorded(config, recorded, directory,
+                    RECORDED_MODEL_KEYS + (RECORDED_STUDENT_KEYS if stored_kind == 'pflm' else ()))
     model = models.teacher(config) if stored_kind == 'ar' else models.student(config, k)
     difference = models.shape_difference(model.param_shapes, shapes)
     if difference:
@@ -207,7 +217,8 @@ def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, confi
     dtype = dtype or recorded.get('dtype') or meta.get('dtype', 'float32')
     try:
       model = models.from_shapes(shapes, vocab_size=vocab_size, mask_id=mask_id, dtype=dtype,
-                                 k_max=k)
+                                 k_max=k, cdf_order=recorded.get('cdf_order', 'id'),
+                                 noise_scale=float(recorded.get('noise_scale', 1.0)))
     except ValueError as e:
       raise ValueError(f'{where}: {e}') from e
   return model

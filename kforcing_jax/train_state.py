@@ -23,8 +23,8 @@ def make_optimizer(tc, total_steps: int) -> optax.GradientTransformation:
       decay_steps=max(total_steps, 2), end_value=tc.learning_rate * tc.end_learning_rate_ratio)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
   return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
-                                 mask=decay_mask))
+                     optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.get('eps', 1e-8),
+                                 weight_decay=tc.weight_decay, mask=decay_mask))
 
 
 def param_shardings(model: FunctionalModel, mesh: Mesh, rules):

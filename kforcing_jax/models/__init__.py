@@ -16,6 +16,7 @@ from flax import nnx
 
 from kforcing_jax.models.backbone import REMAT_POLICIES, Backbone, BackboneConfig
 from kforcing_jax.models.pflm import PushForwardLM
+from kforcing_jax.sampling import CDF_ORDERS
 
 KINDS = ('ar', 'pflm')
 
@@ -32,6 +33,12 @@ def backbone_config(model_cfg) -> BackboneConfig:
   if not 0 <= model_cfg.mask_id < model_cfg.vocab_size:
     raise ValueError(f'model.mask_id={model_cfg.mask_id} is outside the vocabulary '
                      f'(vocab_size={model_cfg.vocab_size}).')
+  cdf_order = model_cfg.get('cdf_order', 'id')
+  if cdf_order not in CDF_ORDERS:
+    raise ValueError(f'model.cdf_order={cdf_order!r}; expected one of {CDF_ORDERS}.')
+  noise_scale = float(model_cfg.get('noise_scale', 1.0))
+  if not noise_scale > 0:
+    raise ValueError(f'model.noise_scale={noise_scale} must be positive.')
   remat = model_cfg.get('remat', 'none')
   if remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}.')
@@ -39,7 +46,7 @@ def backbone_config(model_cfg) -> BackboneConfig:
                         mask_id=model_cfg.mask_id, d_model=model_cfg.d_model,
                         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                         mlp_ratio=model_cfg.get('mlp_ratio', 4), dtype=model_cfg.dtype,
-                        remat=remat)
+                        remat=remat, cdf_order=cdf_order, noise_scale=noise_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +104,12 @@ def kind_of_shapes(shapes: dict) -> str | None:
   return None
 
 
-def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int,
-                       dtype: str = 'float32') -> BackboneConfig:
+def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int, dtype: str = 'float32',
+                       **recorded) -> BackboneConfig:
   """The backbone architecture of a stored AR parameter tree (or a student's 'backbone').
 
-  vocab_size / mask_id are the tokenizer's (the stored embedding may have padding rows)."""
+  vocab_size / mask_id are the tokenizer's (the stored embedding may have padding rows);
+  `recorded`: settings the shapes cannot tell (cdf_order, noise_scale), as the model recorded."""
   try:
     rows, d_model = shapes['embed']
     blocks = shapes['blocks']
@@ -115,17 +123,17 @@ def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int,
                      f'{vocab_size} ids: it was trained with another tokenizer.')
   return BackboneConfig(vocab_size=rows, num_real_tokens=vocab_size, mask_id=mask_id,
                         d_model=d_model, num_layers=len(blocks), num_heads=heads,
-                        mlp_ratio=mlp // d_model, dtype=dtype)
+                        mlp_ratio=mlp // d_model, dtype=dtype, **recorded)
 
 
 def from_shapes(shapes: dict, *, vocab_size: int, mask_id: int, dtype: str = 'float32',
-                k_max: int = 1) -> FunctionalModel:
+                k_max: int = 1, **recorded) -> FunctionalModel:
   """The model whose parameters have exactly `shapes` (an AR or a PFLM tree)."""
   kind = kind_of_shapes(shapes)
   if kind is None:
     raise ValueError(f'not a model of this project: top-level tensors {sorted(shapes)}.')
   backbone = shapes['backbone'] if kind == 'pflm' else shapes
-  model = FunctionalModel(config_from_shapes(backbone, vocab_size, mask_id, dtype), kind,
+  model = FunctionalModel(config_from_shapes(backbone, vocab_size, mask_id, dtype, **recorded), kind,
                           k_max=k_max)
   difference = shape_difference(model.param_shapes, shapes)
   if difference:

@@ -49,6 +49,11 @@ class BackboneConfig:
   rope_base: float = 10000.0
   dtype: str = 'float32'   # compute dtype; parameters stay float32
   remat: str = 'none'      # a REMAT_POLICIES key; changes memory and FLOPs, never the values
+  # the noise -> token map (sampling.CDF_ORDERS): the AR decoder samples with it and students
+  # are distilled on it; a student must be decoded and scored with the order it learned
+  cdf_order: str = 'id'
+  # the student's noise encoder reads phi(noise_scale * u): 1 is the authors' encoder
+  noise_scale: float = 1.0
 
   @property
   def head_dim(self) -> int:

@@ -24,10 +24,14 @@ def sinusoidal_features(s: jax.Array, dim: int) -> jax.Array:
 
 
 class NoiseEncoder(nnx.Module):
-  """z = Linear(2D->D)([phi(u) | phi(tau)]); out = z + MLP(LN(z)), LN with bias, erf-GELU."""
+  """z = Linear(2D->D)([phi(s u) | phi(tau)]); out = z + MLP(LN(z)), LN with bias, erf-GELU;
+  s = noise_scale (1 for the authors' checkpoints)."""
 
-  def __init__(self, d_model: int, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, rngs: nnx.Rngs, noise_scale: float = 1.0):
     d, f = d_model, 4 * d_model
+    # phi's frequencies are <= 1 per unit of u: scaling u gives the encoder up to
+    # noise_scale periods over [0, 1), fine enough to carve CDF intervals ~1/V wide
+    self.noise_scale = noise_scale
     normal = lambda shape, fan_in, axes: nnx.Param(  # noqa: E731
         fan_in ** -0.5 * jax.random.normal(rngs.params(), shape), logical_axes=axes)
     self.d_model = d
@@ -43,7 +47,7 @@ class NoiseEncoder(nnx.Module):
   def __call__(self, u: jax.Array, tau: jax.Array) -> jax.Array:
     """u: (...,) noises; tau broadcastable to u. Returns float32 hints (..., D)."""
     tau = jnp.broadcast_to(tau, u.shape)
-    feats = jnp.concatenate([sinusoidal_features(u, self.d_model),
+    feats = jnp.concatenate([sinusoidal_features(u * self.noise_scale, self.d_model),
                              sinusoidal_features(tau, self.d_model)], axis=-1)
     z = feats @ self.proj[...] + self.proj_bias[...]
     h = layer_norm(z, self.norm_scale[...], self.norm_bias[...])
@@ -57,7 +61,7 @@ class PushForwardLM(nnx.Module):
   def __init__(self, cfg: BackboneConfig, k_max: int, rngs: nnx.Rngs):
     self.k_max = k_max
     self.backbone = Backbone(cfg, rngs)
-    self.noise_encoder = NoiseEncoder(cfg.d_model, rngs)
+    self.noise_encoder = NoiseEncoder(cfg.d_model, rngs, cfg.noise_scale)
 
   def hint_states(self, u, tau):
     return self.noise_encoder(u, tau).astype(self.backbone.cfg.compute_dtype)

@@ -1,0 +1,35 @@
+"""The distillation-recipe study (kforcing_jax/study.py) on the default corpus and teacher.
+
+Base: the demo config (configs/shakespeare_tiny.py) with held-out evaluation every 50 steps
+for learning curves. Each arm is (name, {dotted config field: value}, why); every arm runs for
+every seed with the same step budget. results/distill_study/SUMMARY.md is made from it by
+  python -m kforcing_jax.main.distill_study --config=configs/distill_study.py --workdir=runs/demo
+"""
+
+import ml_collections
+
+from configs import shakespeare_tiny
+
+K1 = {'distill.stages': ((1, 250),)}
+AUTHORS_OPTIMIZER = {'distill.learning_rate': 1e-4, 'distill.b2': 0.999, 'distill.eps': 1e-6,
+                     'distill.weight_decay': 0.0, 'distill.end_learning_rate_ratio': 1.0,
+                     'distill.grad_clip': 1.0, 'distill.tau_range': (1.0, 1.0)}
+
+
+def get_config():
+  c = shakespeare_tiny.get_config()
+  c.distill.eval_every = 50
+  c.study = ml_collections.ConfigDict()
+  c.study.seeds = (0, 1)
+  c.study.header = ('# Distillation-recipe study (configs/distill_study.py)\n\n'
+                    'Held-out acc_total: mean [min, max] over seeds; baseline = ignore-the-noise '
+                    '(k=1: E[max p] of the teacher; k>1: the AR greedy continuation).')
+  c.study.arms = (
+      ('k1_base', K1, 'the demo recipe before the study: id order, phi(u), AdamW lr 1e-3 cosine'),
+      ('k1_sorted', dict(K1, **{'model.cdf_order': 'sorted'}), 'CDF in descending-probability order'),
+      ('k1_scale100', dict(K1, **{'model.noise_scale': 100.0}), 'noise encoder reads phi(100 u)'),
+      ('k1_scale1000', dict(K1, **{'model.noise_scale': 1000.0}), 'noise encoder reads phi(1000 u)'),
+      ('k1_authors_opt', dict(K1, **AUTHORS_OPTIMIZER),
+       "the authors' stage optimizer: Adam (0.9, 0.999), eps 1e-6, wd 0, constant lr 1e-4"),
+  )
+  return c

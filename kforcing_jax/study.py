@@ -1,0 +1,196 @@
+"""The distillation-recipe study: arms (config overrides) x seeds over one frozen AR teacher.
+
+Every run is a full `distill.run` in its own workdir (results/<study>/runs/<arm>/seed<S>, with
+the teacher directory linked in), so an arm is exactly what a user gets by setting the same
+config fields. A finished run leaves `<output>/<arm>__seed<S>.json`: the arm's overrides, the
+final held-out metrics of every stage, and its learning curves (train per log step, held-out
+per eval step). `summarize` turns those files into SUMMARY.md (mean and range over seeds) and
+one learning-curve plot per arm. Resumable: finished runs are skipped, an interrupted one
+resumes from its checkpoints.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from kforcing_jax import distill, progress, rundir
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  name: str
+  overrides: dict          # dotted config path -> value, e.g. {'model.noise_scale': 1000.0}
+  note: str = ''
+
+
+def apply_overrides(config, overrides: dict, seed: int):
+  """A copy of `config` with `overrides` set (each path must exist) and `seed`."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for path, value in overrides.items():
+      *parents, leaf = path.split('.')
+      node = config
+      for name in parents:
+        node = node[name]
+      if leaf not in node:
+        raise KeyError(f'study override {path!r}: the config has no field {leaf!r} there.')
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    config.seed = seed
+  return config
+
+
+def run_name(arm: Arm, seed: int) -> str:
+  return f'{arm.name}__seed{seed}'
+
+
+def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> dict:
+  """Distil every stage of the arm's config for one seed; write and return its record."""
+  out_path = os.path.join(output, run_name(arm, seed) + '.json')
+  done = progress.read_json(out_path)
+  if done is not None:
+    progress.log(f'[study] {run_name(arm, seed)} already done ({out_path})')
+    return done
+  config = apply_overrides(config, arm.overrides, seed)
+  workdir = os.path.join(output, 'runs', arm.name, f'seed{seed}')
+  os.makedirs(workdir, exist_ok=True)
+  link = rundir.teacher_dir(workdir)
+  if not os.path.exists(link):
+    os.symlink(os.path.abspath(rundir.teacher_dir(teacher_workdir)), link)
+  t0 = time.time()
+  stages = distill.run(config, workdir)
+  record = {'arm': arm.name, 'seed': seed, 'overrides': arm.overrides, 'note': arm.note,
+            'seconds': time.time() - t0,
+            'stages': {str(k): dict(result, curves=curves(rundir.stage_dir(workdir, k)))
+                       for k, result in stages.items()}}
+  progress.write_json(out_path, record)
+  return record
+
+
+def curves(stage_dir: str) -> dict:
+  """{'train': {key: [[step, value], ...]}, 'validation': {...}} from a stage's metrics.jsonl."""
+  out = {'train': {}, 'validation': {}}
+  path = os.path.join(stage_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      step = row.pop('step')
+      row.pop('time', None)
+      for key, value in row.items():
+        split, name = ('validation', key[4:]) if key.startswith('val_') else ('train', key)
+        if isinstance(value, (int, float)):
+          out[split].setdefault(name, []).append([step, value])
+  return out
+
+
+# ----------------------------------------------------------------------------- summary
+
+def load_records(output: str) -> list[dict]:
+  records = []
+  for name in sorted(os.listdir(output)):
+    if name.endswith('.json') and '__seed' in name:
+      with open(os.path.join(output, name)) as f:
+        records.append(json.load(f))
+  return records
+
+
+def _stat(values) -> str:
+  values = np.asarray(values, float)
+  if len(values) == 1:
+    return f'{values[0]:.3f}'
+  return f'{values.mean():.3f} [{values.min():.3f}, {values.max():.3f}]'
+
+
+def summary_table(records: list[dict], arm_order: list[str] | None = None) -> str:
+  """Markdown: per arm and stage, held-out acc_total and per-slot acc (mean [min, max] over
+  seeds), the ignore-the-noise baseline, and the run time."""
+  by_arm: dict[str, list[dict]] = {}
+  for r in records:
+    by_arm.setdefault(r['arm'], []).append(r)
+  names = [a for a in (arm_order or []) if a in by_arm] + sorted(set(by_arm) - set(arm_order or []))
+  lines = ['| arm | stage k (steps) | seeds | acc_total held-out | per-slot acc | baseline | '
+           'minutes / run | overrides |', '|---|---|---|---|---|---|---|---|']
+  for name in names:
+    runs = by_arm[name]
+    for k in sorted({int(k) for r in runs for k in r['stages']}):
+      stage = [r['stages'][str(k)] for r in runs if str(k) in r['stages']]
+      slots = ' / '.join(f'{np.mean([s["acc"][i] for s in stage]):.3f}' for i in range(k))
+      lines.append(
+          f'| {name} | {k} ({stage[0]["steps"]}) | {len(stage)} | '
+          f'{_stat([s["acc_total"] for s in stage])} | {slots} | '
+          f'{np.mean([s["baseline_acc_total"] for s in stage]):.3f} | '
+          f'{np.mean([r["seconds"] for r in runs]) / 60:.1f} | '
+          f'`{json.dumps(runs[0]["overrides"])}` |')
+  return '\n'.join(lines)
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+  """One figure per arm: held-out acc_total vs step (solid) and train loss (dashed, right
+  axis) for every stage and seed."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  stages = sorted({int(k) for r in records for k in r['stages']})
+  fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
+  for ax, k in zip(axes[0], stages):
+    twin = ax.twinx()
+    for i, r in enumerate(records):
+      stage = r['stages'].get(str(k))
+      if not stage:
+        continue
+      color = f'C{i % 10}'
+      val = np.asarray(stage['curves']['validation'].get('acc_total', []), float).reshape(-1, 2)
+      loss = np.asarray(stage['curves']['train'].get('loss', []), float).reshape(-1, 2)
+      ax.plot(val[:, 0], val[:, 1], '-o', color=color, ms=3, label=f'seed {r["seed"]}')
+      twin.plot(loss[:, 0], loss[:, 1], '--', color=color, alpha=0.4)
+    ax.set_title(f'{records[0]["arm"]}: stage k={k}')
+    ax.set_xlabel('step')
+    ax.set_ylabel('held-out acc_total (solid)')
+    twin.set_ylabel('train loss (dashed)')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def summarize(output: str, arm_order: list[str] | None = None, header: str = '') -> str:
+  records = load_records(output)
+  if not records:
+    raise FileNotFoundError(f'no study runs in {output}: run the study first.')
+  table = summary_table(records, arm_order)
+  os.makedirs(os.path.join(output, 'curves'), exist_ok=True)
+  for arm in sorted({r['arm'] for r in records}):
+    plot_curves([r for r in records if r['arm'] == arm],
+                os.path.join(output, 'curves', f'{arm}.png'))
+  text = (header + '\n\n' if header else '') + table + '\n'
+  with open(os.path.join(output, 'SUMMARY.md'), 'w') as f:
+    f.write(text)
+  return text
+
+
+def run(config, workdir: str, *, output: str, arms: str = '', seeds: str = '') -> None:
+  """Run the study of `config.study` (arms x seeds) over the teacher in `workdir`, then write
+  SUMMARY.md and the curve plots. arms / seeds: comma lists selecting a subset ('' = all)."""
+  study = config.study
+  all_arms = [Arm(name, dict(overrides), note) for name, overrides, note in study.arms]
+  chosen = [a for a in arms.split(',') if a]
+  unknown = sorted(set(chosen) - {a.name for a in all_arms})
+  if unknown:
+    raise ValueError(f'--arms: unknown arm(s) {unknown}; the study has '
+                     f'{[a.name for a in all_arms]}.')
+  selected = [a for a in all_arms if not chosen or a.name in chosen]
+  seed_list = [int(s) for s in seeds.split(',') if s] or list(study.seeds)
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    del base['study']
+  os.makedirs(output, exist_ok=True)
+  for arm in selected:
+    for seed in seed_list:
+      progress.log(f'[study] arm {arm.name} seed {seed}: {arm.overrides}')
+      run_arm(base, arm, seed, workdir, output)
+  progress.log('\n' + summarize(output, [a.name for a in all_arms], study.header))
