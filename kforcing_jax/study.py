@@ -48,7 +48,8 @@ def run_name(arm: Arm, seed: int) -> str:
 
 
 def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> dict:
-  """Distil every stage of the arm's config for one seed; write and return its record."""
+  """Distil every stage of the arm's config for one seed; write and return its record (None
+  when another worker holds the run)."""
   out_path = os.path.join(output, run_name(arm, seed) + '.json')
   done = progress.read_json(out_path)
   if done is not None:
@@ -57,6 +58,9 @@ def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> d
   config = apply_overrides(config, arm.overrides, seed)
   workdir = os.path.join(output, 'runs', arm.name, f'seed{seed}')
   os.makedirs(workdir, exist_ok=True)
+  if not claim(workdir):
+    progress.log(f'[study] {run_name(arm, seed)} is being run by another worker; next')
+    return None
   link = rundir.teacher_dir(workdir)
   if not os.path.exists(link):
     os.symlink(os.path.abspath(rundir.teacher_dir(teacher_workdir)), link)
@@ -68,6 +72,26 @@ def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> d
                        for k, result in stages.items()}}
   progress.write_json(out_path, record)
   return record
+
+
+def claim(workdir: str) -> bool:
+  """Take a run for this process (several workers may share one study): False when a live
+  process holds it. A claim of a dead process is taken over (its run resumes)."""
+  path = os.path.join(workdir, 'worker.pid')
+  try:
+    with open(path) as f:
+      holder = int(f.read().strip() or 0)
+  except (FileNotFoundError, ValueError):
+    holder = 0
+  if holder and holder != os.getpid():
+    try:
+      os.kill(holder, 0)
+      return False
+    except ProcessLookupError:
+      pass
+  with open(path, 'w') as f:
+    f.write(str(os.getpid()))
+  return True
 
 
 def curves(stage_dir: str) -> dict:
@@ -175,7 +199,8 @@ def summarize(output: str, arm_order: list[str] | None = None, header: str = '')
 
 def run(config, workdir: str, *, output: str, arms: str = '', seeds: str = '') -> None:
   """Run the study of `config.study` (arms x seeds) over the teacher in `workdir`, then write
-  SUMMARY.md and the curve plots. arms / seeds: comma lists selecting a subset ('' = all)."""
+  SUMMARY.md and the curve plots. arms / seeds: comma lists selecting a subset ('' = all).
+  Start it in several processes to share the runs between them (`claim`)."""
   study = config.study
   all_arms = [Arm(name, dict(overrides), note) for name, overrides, note in study.arms]
   chosen = [a for a in arms.split(',') if a]

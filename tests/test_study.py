@@ -1,0 +1,73 @@
+"""The distillation-study runner: overrides, curves, the summary table, worker claims, and one
+tiny end-to-end arm (a real distill.run over a real teacher)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import distill_study, test_tiny
+from kforcing_jax import study
+
+
+def test_apply_overrides_sets_fields_and_seed_without_touching_the_base():
+  base = test_tiny.get_config()
+  out = study.apply_overrides(base, {'model.noise_scale': 100.0, 'distill.stages': [[1, 5]],
+                                     'distill.tau_range': [0.8, 1.2]}, seed=7)
+  assert out.model.noise_scale == 100.0 and out.seed == 7
+  assert out.distill.tau_range == (0.8, 1.2) and tuple(out.distill.stages[0]) == (1, 5)
+  assert base.model.noise_scale == 1.0 and base.seed == 0
+
+
+def test_apply_overrides_refuses_an_unknown_field():
+  with pytest.raises(KeyError, match='noise_scal'):
+    study.apply_overrides(test_tiny.get_config(), {'model.noise_scal': 2.0}, seed=0)
+
+
+def test_every_study_arm_names_existing_fields():
+  config = distill_study.get_config()
+  names = [name for name, _, _ in config.study.arms]
+  assert len(names) == len(set(names))
+  for _, overrides, _ in config.study.arms:
+    study.apply_overrides(config, dict(overrides), seed=0)
+
+
+def test_curves_split_train_and_validation(tmp_path):
+  rows = [{'step': 1, 'time': 0.0, 'loss': 5.0, 'acc_1': 0.1},
+          {'step': 2, 'time': 1.0, 'loss': 4.0, 'acc_1': 0.2},
+          {'step': 2, 'time': 1.0, 'val_acc_total': 0.3, 'val_windows': 10.0}]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write('\n'.join(json.dumps(r) for r in rows) + '\n')
+  got = study.curves(str(tmp_path))
+  assert got['train']['loss'] == [[1, 5.0], [2, 4.0]]
+  assert got['validation']['acc_total'] == [[2, 0.3]]
+  assert 'time' not in got['train']
+
+
+def _record(arm, seed, acc_total, acc):
+  return {'arm': arm, 'seed': seed, 'overrides': {'model.noise_scale': 10.0}, 'seconds': 120.0,
+          'stages': {'2': {'acc': acc, 'acc_total': acc_total, 'baseline_acc_total': 0.1,
+                           'steps': 50, 'curves': {'train': {}, 'validation': {}}}}}
+
+
+def test_summary_table_means_and_ranges_over_seeds():
+  table = study.summary_table([_record('a', 0, 0.2, [0.5, 0.3]), _record('a', 1, 0.4, [0.7, 0.5]),
+                               _record('b', 0, 0.1, [0.4, 0.2])], ['b', 'a'])
+  lines = table.splitlines()
+  assert lines[2].startswith('| b | 2 (50) | 1 | 0.100 | 0.400 / 0.200 | 0.100 | 2.0 |')
+  assert lines[3].startswith('| a | 2 (50) | 2 | 0.300 [0.200, 0.400] | 0.600 / 0.400 |')
+
+
+def test_claim_is_exclusive_between_live_processes(tmp_path):
+  assert study.claim(str(tmp_path))
+  assert study.claim(str(tmp_path))  # this process again
+  other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])
+  try:
+    (tmp_path / 'worker.pid').write_text(str(other.pid))
+    assert not study.claim(str(tmp_path))
+  finally:
+    other.kill()
+    other.wait()
+  assert study.claim(str(tmp_path))  # a dead holder's run is taken over
