@@ -5,7 +5,8 @@ results.json exists (force=True re-runs it).
 
 Models: "ar" (the teacher, kind 'ar', k = 1) sampled at config.decode.temperature, and
 "pflm_k{k}" for every exported student stage (rundir.exports), decoded with its own k, tau = 1
-and the frequency penalty decode.freq_penalty(config, k).
+and the frequency penalty decode.freq_penalty(config, k); "pflm_k{k}_nopen" is the same student
+with the same noise key and no penalty (its samples are pflm_k{k}'s when that penalty is 0).
 
 Quality (metrics.py): every model decodes the same prompts (the first config.decode.prefix_len
 tokens of config.eval.num_samples held-out documents) with the same noise key, so position j
@@ -13,12 +14,19 @@ draws the same u in every model, to the fixed length config.decode.gen_len with 
 (the paper's fixed-length protocol). Metrics use the generated part only (positions >=
 prefix_len):
   gen_ppl_*   exp(pooled mean NLL of the generated tokens) under the AR teacher, and under an
-              independent AR evaluator (the teacher export of config.eval.evaluator_workdir, its
-              architecture read from the checkpoint; it must share the tokenizer) or null;
+              independent AR evaluator or null: the teacher export of
+              config.eval.evaluator_workdir, or else of the pipeline's own evaluator
+              (rundir.evaluator_workdir, trained from config.eval.evaluator: another seed and
+              size); its architecture is read from the checkpoint, its tokenizer must be ours;
   entropy     mean over samples of the entropy (nats) of the sample's token frequencies;
   distinct_n  unique n-grams / all n-grams, pooled over samples (n-grams never cross samples);
+  *_ci        95% bootstrap intervals over the samples (metrics.bootstrap_ratio_interval);
   acc_total   the stage's held-out agreement with its teacher under shared noise, from the
-              stage's eval.json (null for AR).
+              stage's eval.json (null for AR);
+  agreement_vs_ar  every student against the AR teacher's own noise -> token map on
+              config.eval.agreement_batches held-out batches, per slot and by the teacher's
+              entropy (agreement.py);
+  mode_seeking     metrics.is_mode_seeking against the AR samples (null for AR).
 
 Speed (timing.measure_throughput): the whole fixed-length generation (prefill included,
 eos_id=None) at every config.eval.batch_sizes, all models in this process, interleaved, the
@@ -26,6 +34,7 @@ median of config.eval.repeats rounds. Speed prompts: the quality prompts tiled t
 size, the same for every model. Roofline: roofline.analyse.
 """
 
+import dataclasses
 import json
 import math
 import time
@@ -33,11 +42,13 @@ import time
 import jax
 import numpy as np
 
-from kforcing_jax import data, decode, metrics, progress, report, roofline, rundir, sharding
-from kforcing_jax import timing
+from kforcing_jax import agreement, checkpoints, data, decode, distill, metrics, progress, report
+from kforcing_jax import roofline, rundir, sharding, timing
 
 NUM_REPORT_SAMPLES = 3
 SPEED_PROMPTS = 'the quality prompts tiled to the batch size, identical for every model'
+# the held-out batches (and noises) of the widest stage's own validation (distill.run_stage)
+AGREEMENT_SEED_OFFSET = 10_000
 
 
 def load_decoders(config, workdir: str, layout, tokenizer) -> list[tuple]:
@@ -61,17 +72,66 @@ def load_decoders(config, workdir: str, layout, tokenizer) -> list[tuple]:
   return out
 
 
-def load_evaluator(config, layout, tokenizer) -> rundir.Export | None:
-  """The independent AR evaluator (config.eval.evaluator_workdir's teacher), or None."""
-  workdir = config.eval.evaluator_workdir
-  if not workdir:
+def without_penalty(dec: decode.Decoder, export, layout, gen_len: int) -> decode.Decoder:
+  """The student decoder `dec` with frequency penalty 0, named '<name>_nopen'."""
+  plain = decode.decoder(export, layout, gen_len=gen_len, eos_id=None, penalty=0.0)
+  return dataclasses.replace(plain, name=dec.name + report.NO_PENALTY_SUFFIX)
+
+
+def evaluator_config(config):
+  """The config the pipeline trains the independent evaluator with: the run's data, tokenizer
+  and config.train, but config.eval.evaluator's seed, size and steps."""
+  spec = config.eval.evaluator
+  out = config.copy_and_resolve_references()
+  out.seed = int(spec.seed)
+  out.model.d_model = int(spec.d_model)
+  out.model.num_layers = int(spec.num_layers)
+  out.model.num_heads = int(spec.num_heads)
+  out.train.steps = int(spec.steps)
+  out.train.warmup_steps = min(int(config.train.warmup_steps), int(spec.steps) // 10)
+  return out
+
+
+def evaluator_workdir(config, workdir: str | None) -> str | None:
+  """config.eval.evaluator_workdir when set; else the pipeline's evaluator of `workdir` when
+  it exported one; else None."""
+  if config.eval.evaluator_workdir:
+    return config.eval.evaluator_workdir
+  if workdir is not None:
+    own = rundir.evaluator_workdir(workdir)
+    if checkpoints.has_params(rundir.params_dir(rundir.teacher_dir(own))):
+      return own
+  return None
+
+
+def load_evaluator(config, layout, tokenizer, workdir: str | None = None) -> rundir.Export | None:
+  """The independent AR evaluator (see evaluator_workdir), or None."""
+  directory = evaluator_workdir(config, workdir)
+  if directory is None:
     return None
   try:
-    return rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', tokenizer=tokenizer,
-                              dtype=config.model.dtype)
+    return rundir.load_export(rundir.teacher_dir(directory), layout, kind='ar',
+                              tokenizer=tokenizer, dtype=config.model.dtype)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f'config.eval.evaluator_workdir={workdir!r}: {e} Or set '
+    raise FileNotFoundError(f'config.eval.evaluator_workdir={directory!r}: {e} Or set '
                             "--config.eval.evaluator_workdir=''.") from e
+
+
+def describe_evaluator(evaluator: rundir.Export | None, teacher: rundir.Export) -> str | None:
+  """The evaluator in words: where, its size, its training (from its eval.json)."""
+  if evaluator is None:
+    return None
+  cfg = evaluator.model.cfg
+  trained = progress.read_json(rundir.eval_path(evaluator.directory)) or {}
+  text = (f'{evaluator.directory}: d_model {cfg.d_model}, {cfg.num_layers} layers, '
+          f'{cfg.num_heads} heads, {evaluator.model.num_params():,} parameters')
+  if 'train_steps' in trained:
+    text += f', {trained["train_steps"]} steps'
+  if 'val_ppl' in trained:
+    text += f', validation ppl {trained["val_ppl"]:.2f}'
+  if evaluator.directory == teacher.directory:
+    text += ' (the teacher itself: not independent)'
+  return text
 
 
 def decode_samples(dec, prompts: np.ndarray, key, batch_sizes) -> np.ndarray:
@@ -88,23 +148,80 @@ def decode_samples(dec, prompts: np.ndarray, key, batch_sizes) -> np.ndarray:
   return np.concatenate(rows, axis=0)[:num]
 
 
+def _interval(bounds) -> report.Interval:
+  return report.Interval(*bounds)
+
+
 def quality(dec, export, samples, teacher, evaluator, prefix_len: int, tokenizer) -> dict:
-  """The quality fields of one model's report.ModelResult (no throughput yet)."""
+  """The quality fields of one model's report.ModelResult (no throughput, agreement or
+  mode-seeking verdict yet)."""
   generated = samples[:, prefix_len:]
   acc = (progress.read_json(rundir.eval_path(export.directory)) or {}).get('acc_total')
-  return dict(
+  nll = metrics.sample_nll(teacher.model, teacher.params, samples, prefix_len)
+  out = dict(
       name=dec.name, kind=dec.kind, k=dec.k,
-      gen_ppl_teacher=metrics.generative_perplexity(teacher.model, teacher.params, samples,
-                                                    prefix_len),
-      gen_ppl_evaluator=(None if evaluator is None else metrics.generative_perplexity(
-          evaluator.model, evaluator.params, samples, prefix_len)),
-      entropy=metrics.unigram_entropy(generated), distinct_2=metrics.distinct_n(generated, 2),
+      gen_ppl_teacher=metrics.pooled_perplexity(*nll),
+      gen_ppl_teacher_ci=_interval(metrics.perplexity_interval(*nll)),
+      gen_ppl_evaluator=None, gen_ppl_evaluator_ci=None,
+      entropy=metrics.unigram_entropy(generated),
+      entropy_ci=_interval(metrics.entropy_interval(generated)),
+      distinct_2=metrics.distinct_n(generated, 2),
+      distinct_2_ci=_interval(metrics.distinct_interval(generated, 2)),
       distinct_4=metrics.distinct_n(generated, 4),
       acc_total=None if dec.kind == 'ar' or acc is None else float(acc),
       samples=[report.Sample(tokenizer.decode(row[:prefix_len].tolist()),
                              tokenizer.decode(row[prefix_len:].tolist()))
                for row in samples[:NUM_REPORT_SAMPLES]],
       **dec.settings)
+  if evaluator is not None:
+    nll = metrics.sample_nll(evaluator.model, evaluator.params, samples, prefix_len)
+    out.update(gen_ppl_evaluator=metrics.pooled_perplexity(*nll),
+               gen_ppl_evaluator_ci=_interval(metrics.perplexity_interval(*nll)))
+  return out
+
+
+def measure_agreement(config, layout, loaded, tokenizer) -> tuple[dict, int]:
+  """({student name: report.Agreement}, held-out rows) of every student against the AR
+  teacher's own noise -> token map (agreement.py), on config.eval.agreement_batches held-out
+  batches of the widest stage's validation (its rows, its noises)."""
+  teacher = loaded[0][1]
+  students = [(dec.name, export) for dec, export in loaded if export.kind == 'pflm']
+  num_batches = int(config.eval.agreement_batches)
+  if not students or num_batches <= 0:
+    return {}, 0
+  k_max = max(export.k for _, export in students)
+  batch_at = distill.stage_batches(config, layout, k_max, 'validation', False,
+                                   AGREEMENT_SEED_OFFSET, tokenizer)
+  summaries = agreement.measure(teacher, [export for _, export in students], layout,
+                                (batch_at(i) for i in range(num_batches)))
+  records = {name: report.Agreement(**dict(
+      summary, by_entropy=[report.EntropyBin(**b) for b in summary['by_entropy']]))
+      for (name, _), summary in zip(students, summaries)}
+  return records, num_batches * int(config.distill.batch_size)
+
+
+def _verdicts(entries: list[dict], agreements: dict) -> list[dict]:
+  """Each entry with agreement_vs_ar (its student's, penalised rows only) and mode_seeking."""
+  ar = entries[0]
+  return [dict(e, agreement_vs_ar=agreements.get(e['name']),
+               mode_seeking=None if e['kind'] == 'ar' else metrics.is_mode_seeking(
+                   e['gen_ppl_teacher'], e['entropy'], ar['gen_ppl_teacher'], ar['entropy']))
+          for e in entries]
+
+
+def _decode_logged(dec, prompts, key, batch_sizes) -> np.ndarray:
+  t0 = time.time()
+  samples = decode_samples(dec, prompts, key, batch_sizes)
+  progress.log(f'[evaluate] decoded {dec.name}: {len(samples)} samples in '
+               f'{time.time() - t0:.1f}s')
+  return samples
+
+
+def _log_quality(entry: dict) -> None:
+  ci = entry['gen_ppl_teacher_ci']
+  progress.log(f'[evaluate] quality {entry["name"]}: gen ppl (teacher) '
+               f'{entry["gen_ppl_teacher"]:.2f} [{ci.lo:.2f}, {ci.hi:.2f}], entropy '
+               f'{entry["entropy"]:.3f}, distinct-2 {entry["distinct_2"]:.3f}')
 
 
 def _prompts(config, prompts, tokenizer) -> np.ndarray:
@@ -119,6 +236,7 @@ def _prompts(config, prompts, tokenizer) -> np.ndarray:
 
 
 def _with_speed(entry: dict, rows: list, ar_rows: list) -> report.ModelResult:
+  """The ModelResult of a quality entry and its speed rows ([] for an untimed model)."""
   ar_rate = {row['batch']: row['tokens_per_s'] for row in ar_rows}
   return report.ModelResult(**entry, throughput=[
       report.Throughput(**row, speedup_vs_ar=row['tokens_per_s'] / ar_rate[row['batch']])
@@ -152,16 +270,27 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
   batch_sizes = [int(b) for b in ec.batch_sizes]
   loaded = load_decoders(config, workdir, layout, tokenizer)
   progress.log('[evaluate] models: ' + ', '.join(d.name for d, _ in loaded))
-  teacher, evaluator = loaded[0][1], load_evaluator(config, layout, tokenizer)
+  teacher = loaded[0][1]
+  evaluator = load_evaluator(config, layout, tokenizer, workdir)
   key = jax.random.key(config.seed)
   entries = []
   for dec, export in loaded:
-    t0 = time.time()
-    samples = decode_samples(dec, prompts, key, batch_sizes)
+    samples = _decode_logged(dec, prompts, key, batch_sizes)
     entries.append(quality(dec, export, samples, teacher, evaluator, prefix_len, tokenizer))
-    progress.log(f'[evaluate] quality {dec.name}: {len(samples)} samples in '
-                 f'{time.time() - t0:.1f}s, gen ppl (teacher) '
-                 f'{entries[-1]["gen_ppl_teacher"]:.2f}, entropy {entries[-1]["entropy"]:.3f}')
+    _log_quality(entries[-1])
+    if export.kind == 'pflm':
+      plain = without_penalty(dec, export, layout, gen_len)
+      if dec.settings['freq_penalty'] != 0:
+        samples = _decode_logged(plain, prompts, key, batch_sizes)
+      entries.append(quality(plain, export, samples, teacher, evaluator, prefix_len, tokenizer))
+      _log_quality(entries[-1])
+  t0 = time.time()
+  agreements, agreement_rows = measure_agreement(config, layout, loaded, tokenizer)
+  for name, a in agreements.items():
+    progress.log(f'[evaluate] {name} vs the AR map ({a.windows} windows, '
+                 f'{time.time() - t0:.1f}s): slots ' + ' '.join(f'{x:.3f}' for x in a.slot)
+                 + ', acc_total ' + f'{a.prefix[-1]:.3f}')
+  entries = _verdicts(entries, agreements)
   decoders = [dec for dec, _ in loaded]
   speed = timing.measure_throughput(decoders, prompts, key, batch_sizes, int(ec.repeats),
                                     prefix_len, gen_len)
@@ -172,8 +301,12 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
       config=config_name or '<in-memory config>', prefix_len=prefix_len, gen_len=gen_len,
       eval_split=ec.split, num_samples=int(prompts.shape[0]), batch_sizes=batch_sizes,
       repeats=int(ec.repeats), seed=int(config.seed),
-      evaluator_workdir=ec.evaluator_workdir or None, speed_prompts=SPEED_PROMPTS,
-      models=[_with_speed(e, speed[e['name']], speed['ar']) for e in entries], roofline=rf,
+      evaluator_workdir=None if evaluator is None else evaluator_workdir(config, workdir),
+      evaluator=describe_evaluator(evaluator, teacher),
+      bootstrap_resamples=metrics.BOOTSTRAP_RESAMPLES, bootstrap_seed=metrics.BOOTSTRAP_SEED,
+      agreement_rows=agreement_rows, speed_prompts=SPEED_PROMPTS,
+      models=[_with_speed(e, speed.get(e['name'], []), speed['ar']) for e in entries],
+      roofline=rf,
       config_values=json.loads(config.to_json_best_effort()), seconds=time.time() - t_start)
   if progress.is_main_process():
     report.write(out_dir, results)

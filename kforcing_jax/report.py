@@ -1,10 +1,14 @@
 """Evaluation results as typed records, and what is written from them: results.json, REPORT.md
 (quality and speed tables, the roofline section, decoded samples) and the plots.
 
-results.json is `Results.to_json()` (schema_version 2); `Results.from_json` reads it back and
+results.json is `Results.to_json()` (schema_version 3); `Results.from_json` reads it back and
 is the schema check: every field present with its type (floats finite; null only where a
-field is Optional), model names "ar" / "pflm_k{k}" matching their kind and k, unique, the AR
-teacher first. Keys a reader does not know are ignored. The AR teacher is kind 'ar', k = 1.
+field is Optional), model names "ar" / "pflm_k{k}" / "pflm_k{k}_nopen" (the same student
+decoded without the frequency penalty) matching their kind and k, unique, the AR teacher first.
+Keys a reader does not know are ignored. The AR teacher is kind 'ar', k = 1.
+
+Schema 3 added the bootstrap intervals (`*_ci`), the agreement with the AR teacher's own
+noise -> token map (`agreement_vs_ar`, agreement.py), `mode_seeking` and the `_nopen` rows.
 """
 
 import dataclasses
@@ -17,10 +21,11 @@ from typing import Any
 
 from etils import epath
 
-from kforcing_jax import progress
+from kforcing_jax import metrics, progress
 
-SCHEMA_VERSION = 2
-MODEL_NAME = re.compile(r'^(ar|pflm_k([1-9][0-9]*))$')
+SCHEMA_VERSION = 3
+MODEL_NAME = re.compile(r'^(ar|pflm_k([1-9][0-9]*)(_nopen)?)$')
+NO_PENALTY_SUFFIX = '_nopen'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +47,42 @@ class Sample:
 
 
 @dataclasses.dataclass(frozen=True)
+class Interval:
+  """A 95% bootstrap interval over the completions (metrics.bootstrap_ratio_interval)."""
+  lo: float
+  hi: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyBin:
+  """Windows whose AR distribution has entropy in [lo, hi) nats (hi None: open). Rates are
+  None for an empty bin. mode_reference: E[max p], the slot-1 agreement of a student that
+  ignores the noise and always emits the teacher's mode."""
+  lo: float
+  hi: float | None
+  windows: int
+  agreement_1: float | None
+  acc_total: float | None
+  mode_reference: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+  """A student against the AR teacher's own noise -> token map on held-out windows
+  (agreement.py): slot[i] = token i+1 equal, prefix[i] = tokens 1..i+1 all equal (prefix[-1]
+  is acc_total against the AR map)."""
+  windows: int
+  slot: list[float]
+  prefix: list[float]
+  by_entropy: list[EntropyBin]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelResult:
-  """One model's quality, speed and decode settings. k: tokens per decode step (AR: 1)."""
+  """One model's quality, speed and decode settings. k: tokens per decode step (AR: 1).
+  throughput is empty for the `_nopen` rows (not timed); agreement_vs_ar and mode_seeking are
+  None for the AR teacher, and agreement_vs_ar for a `_nopen` row (the penalty does not enter
+  the all-windows forward: it is the penalised row's)."""
   name: str
   kind: str
   k: int
@@ -55,6 +94,12 @@ class ModelResult:
   acc_total: float | None
   throughput: list[Throughput]
   samples: list[Sample]
+  gen_ppl_teacher_ci: Interval
+  gen_ppl_evaluator_ci: Interval | None
+  entropy_ci: Interval
+  distinct_2_ci: Interval
+  agreement_vs_ar: Agreement | None
+  mode_seeking: bool | None
   temperature: float | None = None  # AR sampling
   tau: float | None = None  # students
   freq_penalty: float | None = None
@@ -65,7 +110,14 @@ class ModelResult:
         'pflm', int(match.group(2)))
     if expected != (self.kind, self.k):
       raise ValueError(f'results: model name {self.name!r} with kind={self.kind!r}, k={self.k}: '
-                       'expected "ar" (kind ar, k 1) or "pflm_k<k>" (kind pflm).')
+                       'expected "ar" (kind ar, k 1) or "pflm_k<k>[_nopen]" (kind pflm).')
+    if self.without_penalty and self.freq_penalty:
+      raise ValueError(f'results: {self.name} is decoded without the frequency penalty but has '
+                       f'freq_penalty={self.freq_penalty}.')
+
+  @property
+  def without_penalty(self) -> bool:
+    return self.name.endswith(NO_PENALTY_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +134,10 @@ class Results:
   repeats: int
   seed: int
   evaluator_workdir: str | None
+  evaluator: str | None  # the evaluator's architecture and training, in words
+  bootstrap_resamples: int
+  bootstrap_seed: int
+  agreement_rows: int  # held-out rows of the agreement measurement
   speed_prompts: str
   models: list[ModelResult]
   roofline: dict
@@ -130,6 +186,8 @@ def _parse(value, hint, where: str) -> Any:
       raise ValueError(f'results.json: {where} = {value} is not a finite number.')
     return float(value)
   if hint is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if hint is bool and isinstance(value, bool):
     return value
   if hint in (str, dict) and isinstance(value, hint):
     return value
@@ -198,9 +256,14 @@ def plot(path, draw, *, ncols: int = 1, figsize=(6, 4)) -> None:
     plt.close(fig)
 
 
+def timed(models: list[ModelResult]) -> list[ModelResult]:
+  """The models with speed rows: the AR teacher and every student with its penalty."""
+  return [m for m in models if m.throughput]
+
+
 def _draw_speedup(results: Results, ax) -> None:
   predicted = {m['name']: m for m in results.roofline['models']}
-  for model in results.models[1:]:
+  for model in timed(results.models)[1:]:
     line, = ax.plot([r.batch for r in model.throughput],
                     [r.speedup_vs_ar for r in model.throughput], 'o-', label=f'k={model.k} measured')
     curve = predicted[model.name]['predicted_curve']
@@ -215,12 +278,19 @@ def _draw_speedup(results: Results, ax) -> None:
 
 
 def _draw_quality(results: Results, axes) -> None:
-  ar, students = results.models[0], results.models[1:]
+  ar = results.models[0]
+  students = [m for m in results.models[1:] if not m.without_penalty]
+  plain = [m for m in results.models[1:] if m.without_penalty]
   ks = [m.k for m in students]
   for ax, key, label in ((axes[0], 'gen_ppl_teacher', 'generative perplexity'),
                          (axes[1], 'entropy', 'unigram entropy (nats)')):
-    ax.plot(ks, [getattr(m, key) for m in students], 'o-',
-            label='student' + (' (under the teacher)' if key == 'gen_ppl_teacher' else ''))
+    ax.errorbar(ks, [getattr(m, key) for m in students], yerr=_error_bars(students, key),
+                fmt='o-', capsize=3,
+                label='student' + (' (under the teacher)' if key == 'gen_ppl_teacher' else ''))
+    if plain:
+      ax.errorbar([m.k for m in plain], [getattr(m, key) for m in plain],
+                  yerr=_error_bars(plain, key), fmt='^:', capsize=3,
+                  label='student, no frequency penalty')
     ax.axhline(getattr(ar, key), color='black', linestyle='--', label='AR teacher samples')
     if key == 'gen_ppl_teacher' and ar.gen_ppl_evaluator is not None:
       ax.plot(ks, [m.gen_ppl_evaluator for m in students], 's-',
@@ -234,14 +304,88 @@ def _draw_quality(results: Results, axes) -> None:
     ax.legend(fontsize=7)
 
 
+def _error_bars(models: list[ModelResult], key: str) -> list[list[float]]:
+  """Matplotlib's asymmetric yerr from each model's `{key}_ci`."""
+  cis = [(getattr(m, key), getattr(m, f'{key}_ci')) for m in models]
+  return [[value - ci.lo for value, ci in cis], [ci.hi - value for value, ci in cis]]
+
+
 # ----------------------------------------------------------------------------- REPORT.md
 
 def _fmt(value, spec: str = '.2f') -> str:
   return 'n/a' if value is None else format(value, spec)
 
 
+def _with_ci(value, ci: Interval | None, spec: str) -> str:
+  """'215.5 [201.3, 230.9]' (or 'n/a')."""
+  if value is None:
+    return 'n/a'
+  text = format(value, spec)
+  return text if ci is None else f'{text} [{ci.lo:{spec}}, {ci.hi:{spec}}]'
+
+
+def _yes_no(flag: bool | None) -> str:
+  return 'n/a' if flag is None else 'yes' if flag else 'no'
+
+
+def mode_seeking_prose(models: list[ModelResult]) -> list[str]:
+  """One plain sentence per student: mode-seeking or not, with its two ratios to the AR's."""
+  ar = models[0]
+  lines = []
+  for m in models[1:]:
+    verdict = ('**is mode-seeking**' if m.mode_seeking else 'is not mode-seeking')
+    lines.append(f'- {m.name} {verdict}: gen. ppl (teacher) '
+                 f'{m.gen_ppl_teacher / ar.gen_ppl_teacher:.2f}x the AR samples\', entropy '
+                 f'{m.entropy / ar.entropy:.3f}x.')
+  return lines
+
+
+def _bin_name(b: EntropyBin) -> str:
+  return f'[{b.lo:g}, {"inf" if b.hi is None else format(b.hi, "g")})'
+
+
+def agreement_markdown(results: Results) -> list[str]:
+  """Per-slot agreement of every student with the AR map, then per student by entropy bin."""
+  students = [m for m in results.models if m.agreement_vs_ar is not None]
+  if not students:
+    return []
+  k_max = max(m.k for m in students)
+  lines = [
+      '## Agreement with the AR teacher\'s own sampling map', '',
+      f'{results.agreement_rows} held-out rows; every window t draws uniforms u_1..u_k and the '
+      'AR teacher samples token i = InverseCDF(p_AR(. | x<=t, tokens <i), u_i) at tau = 1 (its '
+      'own sampling map, conditioned on its own previous samples); the student emits argmax of '
+      'its logits for the same u (no frequency penalty). slot i: token i equal; prefix i: '
+      'tokens 1..i all equal (prefix k = acc_total against the AR map). Unlike the stage '
+      'acc_total (against the previous stage) this shows errors compounding through stages.', '',
+      '| model | windows | ' + ' | '.join(f'slot {i}' for i in range(1, k_max + 1)) + ' | '
+      + ' | '.join(f'prefix {i}' for i in range(1, k_max + 1)) + ' |',
+      '|---|---|' + '---|' * (2 * k_max)]
+  for m in students:
+    a = m.agreement_vs_ar
+    pad = [''] * (k_max - m.k)
+    lines.append(f'| {m.name} | {a.windows} | '
+                 + ' | '.join([f'{x:.3f}' for x in a.slot] + pad) + ' | '
+                 + ' | '.join([f'{x:.3f}' for x in a.prefix] + pad) + ' |')
+  lines += ['', '### By the AR teacher\'s entropy', '',
+            'Windows binned by the entropy (nats) of p_AR(. | x<=t) at tau = 1. E[max p]: the '
+            'slot-1 agreement of a student that ignores the noise and always emits the '
+            'teacher\'s mode. Where the teacher is confident E[max p] is near 1 and agreeing is '
+            'easy; the bins of higher entropy show whether a student follows the noise '
+            '(agreement above E[max p]) or mostly emits the mode.', '',
+            '| model | entropy bin | windows | E[max p] | slot-1 agreement | acc_total vs AR map |',
+            '|---|---|---|---|---|---|']
+  for m in students:
+    for b in m.agreement_vs_ar.by_entropy:
+      lines.append(f'| {m.name} | {_bin_name(b)} | {b.windows} | '
+                   f'{_fmt(b.mode_reference, ".3f")} | {_fmt(b.agreement_1, ".3f")} | '
+                   f'{_fmt(b.acc_total, ".3f")} |')
+  return lines + ['']
+
+
 def markdown(results: Results) -> str:
   models = results.models
+  speed = timed(models)
   lines = [
       '# K-Forcing evaluation', '',
       f'Device: {results.device}; JAX {results.jax_version}; config `{results.config}`.', '',
@@ -251,26 +395,47 @@ def markdown(results: Results) -> str:
       f'ancestral sampling at temperature {models[0].temperature}; students: their own k, '
       'tau = 1, frequency penalty lambda.', '',
       '## Quality', '',
-      '| model | kind | k | lambda | gen. ppl (teacher) | gen. ppl (evaluator) | entropy | '
-      'distinct-2 | distinct-4 | acc_total |',
-      '|---|---|---|---|---|---|---|---|---|---|']
+      'Point estimates with 95% bootstrap intervals over the completions '
+      f'({results.bootstrap_resamples} resamples with replacement, numpy seed '
+      f'{results.bootstrap_seed}; gen. ppl pools the NLL of every generated token of a resample; '
+      'distinct-2 resamples each completion\'s share of the unique bigrams). '
+      f'Evaluator: {results.evaluator or "none"}. `_nopen` rows: the same student decoded '
+      'with the same noises and no frequency penalty.', '',
+      '| model | k | lambda | gen. ppl (teacher) | gen. ppl (evaluator) | entropy | '
+      'distinct-2 | distinct-4 | acc_total (stage) | acc_total vs AR map | mode-seeking |',
+      '|---|---|---|---|---|---|---|---|---|---|---|']
+  by_name = {m.name: m for m in models}
   for m in models:
-    lines.append(f'| {m.name} | {m.kind} | {m.k} | {_fmt(m.freq_penalty)} | '
-                 f'{m.gen_ppl_teacher:.2f} | {_fmt(m.gen_ppl_evaluator)} | {m.entropy:.3f} | '
-                 f'{m.distinct_2:.3f} | {m.distinct_4:.3f} | {_fmt(m.acc_total, ".3f")} |')
-  lines += ['', 'acc_total: the stage\'s held-out agreement with its teacher under shared noise '
-            '(all k tokens of a window right; from the stage\'s eval.json).', '',
-            '## Speed', '',
+    # a _nopen row is the penalised row's student: the all-windows forward has no penalty
+    agreement = by_name[m.name.removesuffix(NO_PENALTY_SUFFIX)].agreement_vs_ar
+    lines.append(
+        f'| {m.name} | {m.k} | {_fmt(m.freq_penalty)} | '
+        f'{_with_ci(m.gen_ppl_teacher, m.gen_ppl_teacher_ci, ".1f")} | '
+        f'{_with_ci(m.gen_ppl_evaluator, m.gen_ppl_evaluator_ci, ".1f")} | '
+        f'{_with_ci(m.entropy, m.entropy_ci, ".3f")} | '
+        f'{_with_ci(m.distinct_2, m.distinct_2_ci, ".3f")} | {m.distinct_4:.3f} | '
+        f'{_fmt(m.acc_total, ".3f")} | '
+        f'{_fmt(None if agreement is None else agreement.prefix[-1], ".3f")} | '
+        f'{_yes_no(m.mode_seeking)} |')
+  lines += ['', 'acc_total (stage): the stage\'s held-out agreement with its own teacher (the '
+            'previous stage) under shared noise, all k tokens of a window right (from the '
+            'stage\'s eval.json). acc_total vs AR map: the same against the AR teacher\'s own '
+            'sampling map (below).', '',
+            f'Mode-seeking: {metrics.MODE_SEEKING_RULE}. A student that samples the teacher\'s '
+            'distribution matches the AR samples on both; lower perplexity with less variety '
+            'means it collapsed toward the teacher\'s mode, which is a failure, not a win.', '']
+  lines += mode_seeking_prose(models) + [''] + agreement_markdown(results)
+  lines += ['## Speed', '',
             f'Tokens/s of the whole generation (median of {results.repeats} interleaved rounds '
             'after a warm-up; speed-up vs AR in parentheses).', '',
-            '| batch | ' + ' | '.join(m.name for m in models) + ' |',
-            '|---|' + '---|' * len(models)]
-  for i, row in enumerate(models[0].throughput):
+            '| batch | ' + ' | '.join(m.name for m in speed) + ' |',
+            '|---|' + '---|' * len(speed)]
+  for i, row in enumerate(speed[0].throughput):
     cells = [f'{r.tokens_per_s:.0f} ({r.speedup_vs_ar:.2f}x)'
-             for r in (m.throughput[i] for m in models)]
+             for r in (m.throughput[i] for m in speed)]
     lines.append(f'| {row.batch} | ' + ' | '.join(cells) + ' |')
   lines.append('| forwards / token | ' + ' | '.join(
-      f'{m.throughput[0].forwards_per_token:.3f}' for m in models) + ' |')
+      f'{m.throughput[0].forwards_per_token:.3f}' for m in speed) + ' |')
   lines += ['', '![speed-up](speedup.png)', '', '![quality](quality.png)', '']
   lines += roofline_markdown(results) + roofline_prose(results.roofline)
   lines += ['', '## Samples', '']

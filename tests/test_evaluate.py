@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import checkpoints, evaluate, metrics, models, report, roofline, rundir
+from kforcing_jax import checkpoints, data, evaluate, metrics, models, report, roofline, rundir
 from kforcing_jax import sharding, timing
 from tests.helpers import params as params_lib
 
@@ -28,13 +28,14 @@ class IdTokenizer:
     return ' '.join(str(i) for i in ids)
 
 
-def tiny_config(**eval_overrides):
-  config = test_tiny.get_config()
+def tiny_config(config=None, **eval_overrides):
+  config = test_tiny.get_config() if config is None else config
   config.decode.gen_len = 16
   config.decode.prefix_len = 4
   config.eval.num_samples = 2
   config.eval.batch_sizes = (1, 2)
   config.eval.repeats = 1
+  config.eval.agreement_batches = 2
   for key, value in eval_overrides.items():
     config.eval[key] = value
   return config
@@ -99,16 +100,30 @@ def valid_results():
   ar = {'name': 'ar', 'kind': 'ar', 'k': 1, 'gen_ppl_teacher': 10.0, 'gen_ppl_evaluator': None,
         'entropy': 3.0, 'distinct_2': 0.9, 'distinct_4': 1.0, 'acc_total': None,
         'throughput': [row], 'samples': [{'prompt': 'a', 'generated': 'b'}],
+        'gen_ppl_teacher_ci': {'lo': 9.0, 'hi': 11.5}, 'gen_ppl_evaluator_ci': None,
+        'entropy_ci': {'lo': 2.9, 'hi': 3.1}, 'distinct_2_ci': {'lo': 0.85, 'hi': 0.95},
+        'agreement_vs_ar': None, 'mode_seeking': None,
         'temperature': 1.0, 'tau': None, 'freq_penalty': None}
+  bins = [{'lo': 0.0, 'hi': 1.0, 'windows': 30, 'agreement_1': 0.9, 'acc_total': 0.8,
+           'mode_reference': 0.85},
+          {'lo': 1.0, 'hi': None, 'windows': 0, 'agreement_1': None, 'acc_total': None,
+           'mode_reference': None}]
   student = dict(ar, name='pflm_k2', kind='pflm', k=2, acc_total=0.5, gen_ppl_evaluator=12.0,
+                 gen_ppl_evaluator_ci={'lo': 11.0, 'hi': 13.0}, mode_seeking=True,
+                 agreement_vs_ar={'windows': 30, 'slot': [0.9, 0.7], 'prefix': [0.9, 0.6],
+                                  'by_entropy': bins},
                  temperature=None, tau=1.0, freq_penalty=0.2,
                  throughput=[dict(row, forwards_per_token=0.5, speedup_vs_ar=1.8,
                                   decode_steps=6)])
-  return {'schema_version': 2, 'device': 'cpu', 'jax_version': jax.__version__,
+  plain = dict(student, name='pflm_k2_nopen', freq_penalty=0.0, throughput=[],
+               agreement_vs_ar=None, mode_seeking=False)
+  return {'schema_version': 3, 'device': 'cpu', 'jax_version': jax.__version__,
           'config': 'x.py', 'prefix_len': 6, 'gen_len': 128, 'eval_split': 'validation',
           'num_samples': 2, 'batch_sizes': [1], 'repeats': 1, 'seed': 0,
-          'evaluator_workdir': None, 'speed_prompts': 'tiled', 'models': [ar, student],
-          'roofline': {}, 'config_values': {}, 'seconds': 1.0, 'extra_key': {'allowed': True}}
+          'evaluator_workdir': None, 'evaluator': None, 'bootstrap_resamples': 1000,
+          'bootstrap_seed': 0, 'agreement_rows': 8, 'speed_prompts': 'tiled',
+          'models': [ar, student, plain], 'roofline': {}, 'config_values': {}, 'seconds': 1.0,
+          'extra_key': {'allowed': True}}
 
 
 def test_results_round_trip_through_json():
@@ -116,6 +131,9 @@ def test_results_round_trip_through_json():
   assert isinstance(results.models[1].throughput[0], report.Throughput)
   assert (results.models[0].kind, results.models[0].k) == ('ar', 1)
   assert results.models[1].samples[0] == report.Sample('a', 'b')
+  assert results.models[1].gen_ppl_teacher_ci == report.Interval(9.0, 11.5)
+  assert results.models[1].agreement_vs_ar.by_entropy[1].hi is None
+  assert results.models[1].mode_seeking is True and results.models[2].without_penalty
   again = report.Results.from_json(json.loads(json.dumps(results.to_json())))
   assert again == results
   expected = valid_results()
@@ -142,7 +160,16 @@ def test_results_round_trip_through_json():
     (lambda r: r['models'].reverse(), 'first model'),
     (lambda r: r.__setitem__('models', []), 'empty'),
     (lambda r: r['models'][0]['throughput'].__setitem__(0, [1, 2]), 'object'),
-    (lambda r: r.__setitem__('schema_version', 1), 'schema_version'),
+    (lambda r: r.__setitem__('schema_version', 2), 'schema_version'),
+    (lambda r: r['models'][1].pop('entropy_ci'), 'missing keys'),
+    (lambda r: r['models'][1].__setitem__('gen_ppl_teacher_ci', None), 'gen_ppl_teacher_ci'),
+    (lambda r: r['models'][1].__setitem__('mode_seeking', 1), 'mode_seeking should be bool'),
+    (lambda r: r['models'][1]['agreement_vs_ar'].__setitem__('slot', [0.9, None]),
+     r'slot\[1\]'),
+    (lambda r: r['models'][1]['agreement_vs_ar']['by_entropy'][0].pop('windows'),
+     'missing keys'),
+    (lambda r: r['models'][2].__setitem__('freq_penalty', 0.2), 'without the frequency'),
+    (lambda r: r['models'][2].__setitem__('name', 'pflm_k2_nopenalty'), 'name'),
     (lambda r: r.pop('schema_version'), 'schema_version'),
 ])
 def test_results_reject_wrong_schema(mutate, message):
@@ -150,6 +177,32 @@ def test_results_reject_wrong_schema(mutate, message):
   mutate(results)
   with pytest.raises(ValueError, match=message):
     report.Results.from_json(results)
+
+
+def test_results_of_an_older_schema_are_evaluated_again(tmp_path):
+  old = valid_results()
+  old['schema_version'] = 2
+  with open(tmp_path / 'results.json', 'w') as f:
+    json.dump(old, f)
+  assert report.read(str(tmp_path)) is None
+  with open(tmp_path / 'results.json', 'w') as f:
+    json.dump(valid_results(), f)
+  assert report.read(str(tmp_path)) == report.Results.from_json(valid_results())
+
+
+def test_report_tables_show_intervals_agreement_and_the_mode_seeking_verdict():
+  results = report.Results.from_json(valid_results())
+  lines = report.mode_seeking_prose(results.models)
+  assert lines[0].startswith('- pflm_k2 **is mode-seeking**: gen. ppl (teacher) 1.00x')
+  assert lines[1].startswith('- pflm_k2_nopen is not mode-seeking')
+  assert report._with_ci(215.46, report.Interval(201.31, 230.94), '.1f') == (
+      '215.5 [201.3, 230.9]')
+  agreement_table = '\n'.join(report.agreement_markdown(results))
+  assert '| pflm_k2 | 30 | 0.900 | 0.700 | 0.900 | 0.600 |' in agreement_table
+  assert '| pflm_k2 | [0, 1) | 30 | 0.850 | 0.900 | 0.800 |' in agreement_table
+  assert '| pflm_k2 | [1, inf) | 0 | n/a | n/a | n/a |' in agreement_table
+  assert 'pflm_k2_nopen' not in agreement_table
+  assert [m.name for m in report.timed(results.models)] == ['ar', 'pflm_k2']
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -220,6 +273,31 @@ def test_evaluator_architecture_is_read_from_the_checkpoint(tmp_path):
   assert evaluate.load_evaluator(config, layout, IdTokenizer()) is None
 
 
+def test_pipeline_evaluator_is_found_and_an_explicit_one_wins(tmp_path):
+  config = tiny_config()
+  spec = config.eval.evaluator
+  derived = evaluate.evaluator_config(config)
+  assert (derived.seed, derived.model.d_model, derived.model.num_layers,
+          derived.model.num_heads, derived.train.steps) == (
+              spec.seed, spec.d_model, spec.num_layers, spec.num_heads, spec.steps)
+  assert derived.seed != config.seed and derived.model.d_model != 0
+  assert derived.data == config.data and config.train.steps == 40  # the run's config untouched
+  workdir, other = str(tmp_path / 'run'), str(tmp_path / 'other')
+  layout = sharding.single_device_layout()
+  assert evaluate.load_evaluator(config, layout, IdTokenizer(), workdir) is None
+  small = models.teacher(derived)
+  checkpoints.export_params(
+      rundir.params_dir(rundir.teacher_dir(rundir.evaluator_workdir(workdir))),
+      random_params(small, 3), {'kind': 'ar'})
+  found = evaluate.load_evaluator(config, layout, IdTokenizer(), workdir)
+  assert found.model == small
+  assert evaluate.evaluator_workdir(config, workdir) == rundir.evaluator_workdir(workdir)
+  build_workdir(other, config, stages=())
+  config.eval.evaluator_workdir = other
+  assert evaluate.load_evaluator(config, layout, IdTokenizer(), workdir).model == (
+      models.teacher(config))
+
+
 def test_time_batches_folds_the_key_per_batch_and_times_each():
   rows = np.arange(10).reshape(5, 2)
   calls = []
@@ -237,34 +315,55 @@ def test_time_batches_folds_the_key_per_batch_and_times_each():
 
 
 @pytest.mark.slow
-def test_run_writes_a_valid_report(tmp_path):
+def test_run_writes_a_valid_report(tmp_path, tiny_data_config):
   workdir = str(tmp_path / 'run')
-  config = tiny_config()
+  config = tiny_config(tiny_data_config)
+  tokenizer = data.load_tokenizer(config)
   build_workdir(workdir, config)
-  # the evaluator is this run's own teacher (loaded through the evaluator path, architecture
-  # read from the checkpoint): its perplexities must equal the teacher's
-  config.eval.evaluator_workdir = workdir
+  # the pipeline's evaluator holds this run's teacher (loaded through the evaluator path,
+  # architecture read from the checkpoint): its perplexities must equal the teacher's
+  checkpoints.export_params(
+      rundir.params_dir(rundir.teacher_dir(rundir.evaluator_workdir(workdir))),
+      random_params(models.teacher(config), 0), {'kind': 'ar'})
   prompts = np.asarray(jax.random.randint(jax.random.key(7), (2, 4), 1, 256), np.int32)
 
-  results = evaluate.run(config, workdir, prompts=prompts, tokenizer=IdTokenizer(),
+  results = evaluate.run(config, workdir, prompts=prompts, tokenizer=tokenizer,
                          config_name='tiny.py')
 
   out = rundir.report_dir(workdir)
   with open(os.path.join(out, 'results.json')) as f:
     on_disk = json.load(f)
   assert report.Results.from_json(on_disk) == results
-  assert (on_disk['schema_version'], on_disk['config']) == (2, 'tiny.py')
+  assert (on_disk['schema_version'], on_disk['config']) == (3, 'tiny.py')
+  assert on_disk['evaluator_workdir'] == rundir.evaluator_workdir(workdir)
+  assert 'd_model 64, 2 layers' in on_disk['evaluator']
   for name in ('REPORT.md', 'speedup.png', 'quality.png'):
     assert os.path.getsize(os.path.join(out, name)) > 0
   by_name = {m['name']: m for m in on_disk['models']}
-  assert list(by_name) == ['ar', 'pflm_k1', 'pflm_k2']
+  assert list(by_name) == ['ar', 'pflm_k1', 'pflm_k1_nopen', 'pflm_k2', 'pflm_k2_nopen']
   assert (by_name['ar']['kind'], by_name['ar']['k']) == ('ar', 1)
   assert (by_name['pflm_k2']['kind'], by_name['pflm_k2']['k']) == ('pflm', 2)
   assert by_name['ar']['acc_total'] is None
   assert by_name['pflm_k2']['acc_total'] == pytest.approx(0.25)
+  assert (by_name['pflm_k2']['freq_penalty'], by_name['pflm_k2_nopen']['freq_penalty']) == (
+      0.2, 0.0)
+  # k=1's penalty is 0: its _nopen row is the same samples
+  assert by_name['pflm_k1_nopen']['gen_ppl_teacher'] == by_name['pflm_k1']['gen_ppl_teacher']
   for m in on_disk['models']:
     assert m['gen_ppl_evaluator'] == pytest.approx(m['gen_ppl_teacher'], rel=1e-5)
-    assert [r['batch'] for r in m['throughput']] == [1, 2]
+    assert [r['batch'] for r in m['throughput']] == ([] if m['name'].endswith('_nopen')
+                                                      else [1, 2])
+    for key in ('gen_ppl_teacher', 'entropy', 'distinct_2'):
+      assert m[f'{key}_ci']['lo'] <= m[key] <= m[f'{key}_ci']['hi']
+    assert (m['mode_seeking'] is None) == (m['kind'] == 'ar')
+  # agreement with the AR map: 2 held-out batches of 8 rows of 32 tokens, t + k < 32
+  assert on_disk['agreement_rows'] == 16
+  for name, k in (('pflm_k1', 1), ('pflm_k2', 2)):
+    agreement = by_name[name]['agreement_vs_ar']
+    assert agreement['windows'] == 16 * (32 - k)
+    assert len(agreement['slot']) == len(agreement['prefix']) == k
+    assert sum(b['windows'] for b in agreement['by_entropy']) == agreement['windows']
+    assert by_name[f'{name}_nopen']['agreement_vs_ar'] is None
   # 12 new tokens: AR 12 forwards, k=2 6 forwards
   assert by_name['ar']['throughput'][0]['forwards_per_token'] == 1.0
   assert by_name['pflm_k2']['throughput'][1]['forwards_per_token'] == pytest.approx(0.5)
@@ -272,11 +371,12 @@ def test_run_writes_a_valid_report(tmp_path):
   assert on_disk['roofline']['models'][2]['steps'] == 6
   text = open(os.path.join(out, 'REPORT.md')).read()
   assert '## Roofline' in text and 'pflm_k2' in text
-  assert results.models[0].samples[0].prompt == ' '.join(map(str, prompts[0]))
+  assert '## Agreement with the AR teacher' in text and 'mode-seeking' in text
+  assert results.models[0].samples[0].prompt == tokenizer.decode(prompts[0].tolist())
 
   # a second run finds results.json and skips
   stamp = os.path.getmtime(os.path.join(out, 'results.json'))
-  again = evaluate.run(config, workdir, prompts=prompts, tokenizer=IdTokenizer())
+  again = evaluate.run(config, workdir, prompts=prompts, tokenizer=tokenizer)
   assert os.path.getmtime(os.path.join(out, 'results.json')) == stamp
   assert again.models[1].gen_ppl_teacher == on_disk['models'][1]['gen_ppl_teacher']
 

@@ -1,5 +1,6 @@
 """The main job (`make demo`): prepare data -> train the teacher -> distill 1 -> 2 -> 4 ->
-evaluate. `python -m kforcing_jax.main.pipeline --config=configs/<name>.py --workdir=DIR`.
+train the independent evaluator -> evaluate.
+`python -m kforcing_jax.main.pipeline --config=configs/<name>.py --workdir=DIR`.
 
 Every part skips itself when its outputs exist and resumes from its newest checkpoint
 otherwise, so re-running the command continues where it stopped."""
@@ -9,16 +10,31 @@ import time
 from kforcing_jax import cli, data, distill, distributed, evaluate, progress, rundir, teacher
 
 
+def train_evaluator(config, workdir: str) -> None:
+  """The AR evaluator of config.eval.evaluator (another seed, another size) in its own run
+  directory, trained like the teacher and skipped when done; not when config.eval.
+  evaluator_workdir names one or config.eval.evaluator.steps is 0."""
+  if config.eval.evaluator_workdir:
+    progress.log(f'[evaluator] using config.eval.evaluator_workdir='
+                 f'{config.eval.evaluator_workdir}')
+  elif config.eval.evaluator.steps <= 0:
+    progress.log('[evaluator] config.eval.evaluator.steps=0: no independent evaluator')
+  else:
+    teacher.run(evaluate.evaluator_config(config), rundir.evaluator_workdir(workdir))
+
+
 def pipeline(config, workdir: str, config_name: str | None = None) -> None:
   t0 = time.time()
-  progress.log('\n=== 1/4 prepare data ===')
+  progress.log('\n=== 1/5 prepare data ===')
   distributed.main_process_first('prepare data', lambda: data.prepare(config))
-  progress.log('\n=== 2/4 train the AR teacher ===')
+  progress.log('\n=== 2/5 train the AR teacher ===')
   teacher.run(config, workdir)
-  progress.log('\n=== 3/4 distill ' + ' -> '.join(f'k={k}' for k, _ in config.distill.stages)
+  progress.log('\n=== 3/5 distill ' + ' -> '.join(f'k={k}' for k, _ in config.distill.stages)
                + ' ===')
   distill.run(config, workdir)
-  progress.log('\n=== 4/4 evaluate ===')
+  progress.log('\n=== 4/5 train the independent evaluator ===')
+  train_evaluator(config, workdir)
+  progress.log('\n=== 5/5 evaluate ===')
   evaluate.run(config, workdir, config_name=config_name)
   progress.log(f'\n=== done in {progress.format_duration(time.time() - t0)}: see '
                f'{rundir.report_dir(workdir)}/REPORT.md ===')
