@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.grad_clip = 1.0
   c.distill.tau_range = (1.0, 1.0)   # tau ~ U[lo, hi] per sequence; (1, 1) = fixed 1.0
   c.distill.data_weight = 0.0        # weight of the noise-inversion data term (0 = off)
+  # stage k=1 soft targets: the teacher's mass in [u - h, u + h], h falling linearly from
+  # target_smoothing to 0 at smoothing_decay of the stage (distill.soft_ar_targets); 0 = hard
+  c.distill.target_smoothing = 0.0
+  c.distill.smoothing_decay = 0.8
   c.distill.log_every = 10
   c.distill.eval_every = 100
   c.distill.eval_batches = 4
@@ -146,4 +150,7 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.distill.log_every = 100
   c.train.log_every = 100
   c.eval.num_samples = 256
+  # an independent evaluator at this scale is its own training run: point
+  # eval.evaluator_workdir at it (the pipeline trains none here)
+  c.eval.evaluator.steps = 0
   return c

@@ -31,5 +31,20 @@ def get_config():
       ('k1_scale1000', dict(K1, **{'model.noise_scale': 1000.0}), 'noise encoder reads phi(1000 u)'),
       ('k1_authors_opt', dict(K1, **AUTHORS_OPTIMIZER),
        "the authors' stage optimizer: Adam (0.9, 0.999), eps 1e-6, wd 0, constant lr 1e-4"),
+      # phase 2 (noise_scale and the sorted order did not beat the base at 250 steps)
+      ('k1_lr3e-3', dict(K1, **{'distill.learning_rate': 3e-3}), 'peak lr 3e-3 (cosine to 0.1x)'),
+      ('k1_lr3e-3_const', dict(K1, **{'distill.learning_rate': 3e-3,
+                                      'distill.end_learning_rate_ratio': 1.0}),
+       'lr schedule: constant 3e-3 after warm-up'),
+      ('k1_data0.1', dict(K1, **{'distill.data_weight': 0.1}),
+       'noise-inversion data term (real continuations mapped back to noises), weight 0.1'),
+      ('k1_tau0.5-1.5', dict(K1, **{'distill.tau_range': (0.5, 1.5)}),
+       'tau ~ U[0.5, 1.5] per sequence (evaluated at tau = 1)'),
+      ('k1_steps500', dict(K1, **{'distill.stages': ((1, 500),)}), 'budget: twice the k=1 steps'),
+      # phase 3: soft noise-neighbourhood targets (distill.soft_ar_targets), our addition
+      ('k1_soft0.05', dict(K1, **{'distill.target_smoothing': 0.05}),
+       'soft targets: teacher mass in [u-h, u+h], h 0.05 -> 0 over 80% of the stage'),
+      ('k1_soft0.2', dict(K1, **{'distill.target_smoothing': 0.2}),
+       'soft targets, h 0.2 -> 0 over 80% of the stage'),
   )
   return c

@@ -29,5 +29,5 @@ def get_config():
   c.distill.eval_batches = 8
   c.distill.checkpoint_every = 50
   c.decode.gen_len = 128
-  c.eval.num_samples = 32
+  c.eval.num_samples = 256           # completions per model (bootstrap intervals)
   return c

@@ -57,6 +57,25 @@ def rollout_targets(teacher: FunctionalModel, params, tokens, u, tau):
   return jnp.concatenate([first, second], axis=-1)
 
 
+def soft_ar_targets(teacher: FunctionalModel, params, tokens, u, tau, half_width):
+  """Noise-neighbourhood soft targets of stage k=1: q(v) = the share of [u - h, u + h]
+  (clipped to [0, 1]) covered by token v's interval, h = half_width (B,). h = 0 is the hard
+  target; h >= 1 is the teacher's whole distribution. A wide window early gives every token
+  near u a gradient (the student first learns which tokens live in which part of [0, 1)); it
+  narrows to the hard target during the stage (`stage_noise`). Id order only."""
+  logits, _ = teacher.module(params)(tokens)
+  probs = sampling.probabilities(logits, tau[:, None])
+  hard = sampling.inverse_cdf_from_probs(probs, u[..., 0], teacher.cfg.cdf_order)
+  lo, hi = sampling.id_order_intervals(probs)
+  h = half_width[:, None, None]
+  a = jnp.clip(u[..., :1] - h, 0.0, 1.0)
+  b = jnp.clip(u[..., :1] + h, 0.0, 1.0)
+  overlap = jnp.maximum(jnp.minimum(hi, b) - jnp.maximum(lo, a), 0.0)
+  soft = overlap / jnp.maximum(overlap.sum(-1, keepdims=True), 1e-30)
+  q = jnp.where(h > 0, soft, jax.nn.one_hot(hard, probs.shape[-1], dtype=soft.dtype))
+  return hard[..., None], q
+
+
 def stage_targets(teacher: FunctionalModel, params, tokens, u, tau):
   if teacher.kind == 'ar':
     return ar_targets(teacher, params, tokens, u, tau)
@@ -122,13 +141,24 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
                  teacher_params, ar_params):
   k = student.k_max
   tokens, u, tau = batch['tokens'], batch['u'], batch['tau']
-  targets = jax.lax.stop_gradient(stage_targets(teacher, teacher_params, tokens, u, tau))
+  smoothing = teacher.kind == 'ar' and dc.get('target_smoothing', 0.0) > 0
+  if smoothing:
+    targets, q = jax.lax.stop_gradient(soft_ar_targets(teacher, teacher_params, tokens, u, tau,
+                                                       batch['half_width']))
+  else:
+    targets = jax.lax.stop_gradient(stage_targets(teacher, teacher_params, tokens, u, tau))
   logits, _ = student.module(params)(tokens, u, tau)
   windows = window_mask(batch['mask'], k)
-  loss_i, acc_i, acc_total, _ = slot_metrics(logits, targets, windows)
+  loss_i, acc_i, acc_total, denom = slot_metrics(logits, targets, windows)
   loss = loss_i.mean()
   # the loss is a mean over these windows: gradient accumulation weights microbatches by it
   metrics = {'windows': jnp.sum(windows.astype(jnp.float32))}
+  if smoothing:
+    logp = jax.nn.log_softmax(logits[:, :, 0].astype(jnp.float32), axis=-1)
+    soft_nll = -jnp.sum(q * logp, axis=-1)
+    loss = jnp.einsum('bn,bn->', soft_nll, windows.astype(jnp.float32)) / denom
+    metrics['soft_loss'] = loss
+    metrics['half_width'] = batch['half_width'].mean()
   metrics.update({f'loss_{i + 1}': loss_i[i] for i in range(k)})
   metrics.update({f'acc_{i + 1}': acc_i[i] for i in range(k)})
   metrics['acc_total'] = acc_total
@@ -144,8 +174,19 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
 
 # ----------------------------------------------------------------------------- stages
 
-def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc):
-  """Host-side noises for one global batch: u (B, N, k), tau (B,), r (B, N, k).
+def smoothing_half_width(dc, k: int, step: int, steps: int) -> float:
+  """Soft-target half-width at `step` of a stage: distill.target_smoothing at step 0, falling
+  linearly to 0 at distill.smoothing_decay * steps (stage k=1 only; 0 = hard targets)."""
+  h0 = dc.get('target_smoothing', 0.0)
+  if k != 1 or h0 <= 0:
+    return 0.0
+  end = max(dc.get('smoothing_decay', 0.8) * steps, 1.0)
+  return float(h0 * max(0.0, 1.0 - step / end))
+
+
+def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc, steps: int = 0):
+  """Host-side noises for one global batch: u (B, N, k), tau (B,), r (B, N, k), and the
+  soft-target half_width (B,) of this step (`smoothing_half_width`).
 
   A pure function of (seed, step), so a resumed stage sees exactly the same noises."""
   rng = np.random.default_rng([seed, step, k])
@@ -153,7 +194,8 @@ def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc):
   lo, hi = dc.tau_range
   tau = (lo + (hi - lo) * rng.random((batch,), dtype=np.float32)).astype(np.float32)
   r = rng.random((batch, n, k), dtype=np.float32)
-  return {'u': u, 'tau': tau, 'r': r}
+  half_width = np.full((batch,), smoothing_half_width(dc, k, step, steps), np.float32)
+  return {'u': u, 'tau': tau, 'r': r, 'half_width': half_width}
 
 
 def validate_schedule(stages) -> list[tuple[int, int]]:
@@ -180,6 +222,9 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
   """The jitted step of stage k (teacher: the AR model when prev_k is None, else the stage
   prev_k student) on `layout`: step(state, batch, teacher_params, ar_params or None)."""
   dc = config.distill
+  if dc.get('target_smoothing', 0.0) > 0 and config.model.get('cdf_order', 'id') != 'id':
+    raise ValueError('distill.target_smoothing needs model.cdf_order=id (the soft targets use '
+                     'every token\'s id-order interval).')
   if dc.data_weight > 0 and dc.microbatches > 1:
     # microbatches are weighted by the main term's window count; the data term averages over
     # its own (different) count, so accumulation would not equal the full-batch update
@@ -194,7 +239,8 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
   b, n = dc.batch_size, stage_seq_len(config)
   batch = layout.abstract_batch({'tokens': ((b, n), jnp.int32), 'mask': ((b, n), jnp.float32),
                                  'u': ((b, n, k), jnp.float32), 'tau': ((b,), jnp.float32),
-                                 'r': ((b, n, k), jnp.float32)})
+                                 'r': ((b, n, k), jnp.float32),
+                                 'half_width': ((b,), jnp.float32)})
   extra = (layout.abstract_params(teacher),
            layout.abstract_params(ar) if dc.data_weight > 0 else None)
   step = train_state.make_train_step(
@@ -210,12 +256,13 @@ def stage_batches(config, layout: sharding.Layout, k: int, split: str, shuffle: 
   """step -> the stage's global batch: token rows cut to the stage length plus the noises."""
   dc = config.distill
   n = stage_seq_len(config)
+  steps = dict(validate_schedule(dc.stages))[k]
   tokens_at = data.global_batches(config, layout, split, dc.batch_size, shuffle, tokenizer)
   block, blocks = distributed.local_batch_rows(layout.mesh, layout.rules, dc.batch_size)
   rows = slice(block * dc.batch_size // blocks, (block + 1) * dc.batch_size // blocks)
 
   def batch_at(step):
-    noise = stage_noise(config.seed + seed_offset, step, dc.batch_size, n, k, dc)
+    noise = stage_noise(config.seed + seed_offset, step, dc.batch_size, n, k, dc, steps)
     batch = {key: v[:, :n] for key, v in tokens_at(step).items()}
     return dict(batch, **layout.global_batch({key: v[rows] for key, v in noise.items()}))
   return batch_at

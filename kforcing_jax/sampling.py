@@ -183,6 +183,15 @@ def token_cdf_interval(probs: jax.Array, tokens: jax.Array,
   return _interval_in_id_order(probs, tokens)
 
 
+def id_order_intervals(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[lo, hi) of every token (..., V) in the id order: what `token_cdf_interval` gives for
+  each token, all at once (used by the soft k=1 targets)."""
+  cdf = normalized_cdf(probs)
+  reached = jax.lax.cummax(jnp.where(probs > 0, cdf, 0.0), axis=probs.ndim - 1)
+  below = jnp.concatenate([jnp.zeros_like(cdf[..., :1]), reached[..., :-1]], axis=-1)
+  return below, jnp.maximum(cdf, below)
+
+
 def _interval_in_id_order(probs: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
   cdf = normalized_cdf(probs)
   reached = jax.lax.cummax(jnp.where(probs > 0, cdf, 0.0), axis=probs.ndim - 1)

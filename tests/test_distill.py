@@ -1,5 +1,6 @@
 """Stage targets, the self-forcing double forward, student init, and a short real stage."""
 
+import dataclasses
 import json
 
 import jax
@@ -156,3 +157,73 @@ def test_short_stage_learns_to_use_the_noise(tiny_data_config, tmp_path):
   assert saved['k'] == 1 and saved['steps'] == 300 and len(saved['acc']) == 1
   assert saved['acc_total'] == pytest.approx(results[1]['acc_total'])
   assert saved['acc'][0] > saved['baseline_acc_total'] + 0.05, saved
+
+
+def _soft(ar, params, tokens, u, h):
+  return distill.soft_ar_targets(ar, params, tokens, u, jnp.ones((tokens.shape[0],)),
+                                 jnp.full((tokens.shape[0],), h, jnp.float32))
+
+
+def test_soft_targets_at_zero_width_are_the_hard_targets():
+  ar, params = random_ar()
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 1, 64)
+  u = jax.random.uniform(jax.random.key(3), (2, 9, 1))
+  hard, q = _soft(ar, params, tokens, u, 0.0)
+  np.testing.assert_array_equal(hard, distill.ar_targets(ar, params, tokens, u, jnp.ones((2,))))
+  np.testing.assert_array_equal(np.asarray(q).argmax(-1), np.asarray(hard[..., 0]))
+  np.testing.assert_allclose(np.asarray(q).max(-1), 1.0)
+
+
+def test_soft_targets_cover_the_window_and_widen_to_the_teacher_distribution():
+  ar, params = random_ar()
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 1, 64)
+  u = jax.random.uniform(jax.random.key(3), (2, 9, 1), minval=0.2, maxval=0.8)
+  logits, _ = ar.module(params)(tokens)
+  probs = np.asarray(sampling.probabilities(logits))
+  _, full = _soft(ar, params, tokens, u, 1.0)       # [u - 1, u + 1] covers [0, 1]
+  np.testing.assert_allclose(np.asarray(full), probs, atol=1e-6)
+  hard, q = _soft(ar, params, tokens, u, 0.05)
+  q = np.asarray(q)
+  np.testing.assert_allclose(q.sum(-1), 1.0, rtol=1e-5)
+  # the hard target's token gets mass, and only tokens whose interval meets [u-h, u+h] do
+  assert np.all(np.take_along_axis(q, np.asarray(hard), -1) > 0)
+  cdf = np.cumsum(probs, -1)
+  lo = cdf - probs
+  uu = np.asarray(u)
+  outside = (lo >= uu + 0.05 + 1e-6) | (cdf <= uu - 0.05 - 1e-6)
+  assert np.all(q[outside] == 0)
+  # reference for one window: overlap lengths of [u-h, u+h] with each interval, normalised
+  b, t = 1, 4
+  ref = np.clip(np.minimum(cdf[b, t], uu[b, t, 0] + 0.05) - np.maximum(lo[b, t], uu[b, t, 0] - 0.05),
+                0, None)
+  np.testing.assert_allclose(q[b, t], ref / ref.sum(), atol=2e-5)
+
+
+def test_smoothing_half_width_schedule():
+  class Dc(dict):
+    get = dict.get
+  dc = Dc(target_smoothing=0.1, smoothing_decay=0.5)
+  assert distill.smoothing_half_width(dc, 1, 0, 100) == pytest.approx(0.1)
+  assert distill.smoothing_half_width(dc, 1, 25, 100) == pytest.approx(0.05)
+  assert distill.smoothing_half_width(dc, 1, 50, 100) == 0.0
+  assert distill.smoothing_half_width(dc, 2, 0, 100) == 0.0   # k > 1: rollout targets are hard
+  assert distill.smoothing_half_width(Dc(target_smoothing=0.0), 1, 0, 100) == 0.0
+
+
+def test_sorted_order_reaches_targets_and_noise_inversion():
+  # the model's cdf_order is the one order of the k=1 targets, the AR decoder and the inversion
+  sorted_cfg = dataclasses.replace(CFG, cdf_order='sorted')
+  ar = FunctionalModel(sorted_cfg, 'ar')
+  _, params = random_ar()
+  prompts = jax.random.randint(jax.random.key(1), (3, 4), 1, 64)
+  key = jax.random.key(7)
+  tokens = decode.generate_ar(ar, params, prompts, key, 1.0, gen_len=16)
+  u = decode.position_uniforms(key, jnp.arange(1, 17), 3)[..., None]
+  targets = distill.ar_targets(ar, params, tokens, u, jnp.ones((3,)))
+  np.testing.assert_array_equal(targets[:, 3:15, 0], tokens[:, 4:])
+  by_id = decode.generate_ar(FunctionalModel(CFG, 'ar'), params, prompts, key, 1.0, gen_len=16)
+  assert np.mean(np.asarray(by_id)[:, 4:] != np.asarray(tokens)[:, 4:]) > 0.3
+  r = jax.random.uniform(jax.random.key(8), (3, 16, 1))
+  u_inv, real, valid = distill.inverted_noise(ar, params, tokens, 1, r, jnp.ones((3,)))
+  again = distill.ar_targets(ar, params, tokens, u_inv, jnp.ones((3,)))
+  np.testing.assert_array_equal(np.asarray(again)[valid], np.asarray(real)[valid])

@@ -23,7 +23,8 @@ def batch_arrays(config, k):
           'mask': np.ones((b, n), np.float32),
           'u': rng.random((b, n, k), dtype=np.float32),
           'tau': np.ones((b,), np.float32),
-          'r': rng.random((b, n, k), dtype=np.float32)}
+          'r': rng.random((b, n, k), dtype=np.float32),
+          'half_width': np.zeros((b,), np.float32)}
 
 
 def summary(tree):
