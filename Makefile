@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-fast venv clean-venv compile-tpu vocab
+.PHONY: demo quality test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -22,6 +22,10 @@ $(VENV)/.installed: requirements.txt
 
 demo: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# the same pipeline trained longer (configs/shakespeare_quality.py; ~2 h on 2 vCPUs)
+quality: venv
+	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality.py --workdir=runs/quality
 
 test: venv
 	$(PY) -m pytest -q tests

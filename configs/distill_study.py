@@ -11,6 +11,7 @@ import ml_collections
 from configs import shakespeare_tiny
 
 K1 = {'distill.stages': ((1, 250),)}
+FULL = {'distill.stages': ((1, 250), (2, 150), (4, 150))}
 AUTHORS_OPTIMIZER = {'distill.learning_rate': 1e-4, 'distill.b2': 0.999, 'distill.eps': 1e-6,
                      'distill.weight_decay': 0.0, 'distill.end_learning_rate_ratio': 1.0,
                      'distill.grad_clip': 1.0, 'distill.tau_range': (1.0, 1.0)}
@@ -46,5 +47,14 @@ def get_config():
        'soft targets: teacher mass in [u-h, u+h], h 0.05 -> 0 over 80% of the stage'),
       ('k1_soft0.2', dict(K1, **{'distill.target_smoothing': 0.2}),
        'soft targets, h 0.2 -> 0 over 80% of the stage'),
+      ('k1_lr3e-3_soft0.05', dict(K1, **{'distill.learning_rate': 3e-3,
+                                         'distill.target_smoothing': 0.05}),
+       'the two arms that beat the base, combined'),
+      # phase 4: the whole k=1 -> 2 -> 4 schedule; stage k=1 is linked from the k=1 arm of the
+      # same settings and seed (4th field). Equal CPU budget: the demo's 250/150/150 steps cost
+      # ~627 s at 0.65/1.3/1.8 s per k=1/2/4 step; 500/100/100 ~635 s
+      ('full_base', dict(FULL), 'the demo schedule, base recipe', 'k1_base'),
+      ('full_k1heavy', {'distill.stages': ((1, 500), (2, 100), (4, 100))},
+       'budget split: twice the k=1 steps, two thirds of the k=2/4 steps', 'k1_steps500'),
   )
   return c

@@ -25,6 +25,9 @@ class Arm:
   name: str
   overrides: dict          # dotted config path -> value, e.g. {'model.noise_scale': 1000.0}
   note: str = ''
+  # an arm whose stage k=1 is exactly this arm's (same k=1 settings and seed): its finished
+  # student_k1 is linked in instead of trained again (distill.run skips a finished stage)
+  stage1_from: str = ''
 
 
 def apply_overrides(config, overrides: dict, seed: int):
@@ -64,9 +67,17 @@ def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> d
   link = rundir.teacher_dir(workdir)
   if not os.path.exists(link):
     os.symlink(os.path.abspath(rundir.teacher_dir(teacher_workdir)), link)
+  if arm.stage1_from:
+    source = rundir.stage_dir(os.path.join(output, 'runs', arm.stage1_from, f'seed{seed}'), 1)
+    if not os.path.exists(rundir.eval_path(source)):
+      raise FileNotFoundError(f'arm {arm.name} reuses stage k=1 of arm {arm.stage1_from}, '
+                              f'which has not finished seed {seed} ({source}): run it first.')
+    if not os.path.exists(rundir.stage_dir(workdir, 1)):
+      os.symlink(os.path.abspath(source), rundir.stage_dir(workdir, 1))
   t0 = time.time()
   stages = distill.run(config, workdir)
   record = {'arm': arm.name, 'seed': seed, 'overrides': arm.overrides, 'note': arm.note,
+            'stage1_from': arm.stage1_from,
             'seconds': time.time() - t0,
             'stages': {str(k): dict(result, curves=curves(rundir.stage_dir(workdir, k)))
                        for k, result in stages.items()}}
@@ -202,7 +213,7 @@ def run(config, workdir: str, *, output: str, arms: str = '', seeds: str = '') -
   SUMMARY.md and the curve plots. arms / seeds: comma lists selecting a subset ('' = all).
   Start it in several processes to share the runs between them (`claim`)."""
   study = config.study
-  all_arms = [Arm(name, dict(overrides), note) for name, overrides, note in study.arms]
+  all_arms = [Arm(arm[0], dict(arm[1]), *arm[2:]) for arm in study.arms]
   chosen = [a for a in arms.split(',') if a]
   unknown = sorted(set(chosen) - {a.name for a in all_arms})
   if unknown:

@@ -28,10 +28,16 @@ def test_apply_overrides_refuses_an_unknown_field():
 
 def test_every_study_arm_names_existing_fields():
   config = distill_study.get_config()
-  names = [name for name, _, _ in config.study.arms]
+  names = [arm[0] for arm in config.study.arms]
   assert len(names) == len(set(names))
-  for _, overrides, _ in config.study.arms:
-    study.apply_overrides(config, dict(overrides), seed=0)
+  for arm in config.study.arms:
+    study.apply_overrides(config, dict(arm[1]), seed=0)
+    if len(arm) > 3:  # a reused stage k=1 must come from an arm with the same k=1 settings
+      source = next(a for a in config.study.arms if a[0] == arm[3])
+      k1 = lambda o: {key: v for key, v in o.items() if key != 'distill.stages'}  # noqa: E731
+      assert k1(dict(source[1])) == k1(dict(arm[1])), arm[0]
+      assert tuple(dict(source[1])['distill.stages'][0]) == tuple(
+          dict(arm[1])['distill.stages'][0]), arm[0]
 
 
 def test_curves_split_train_and_validation(tmp_path):
