@@ -56,5 +56,9 @@ def get_config():
       ('full_base', dict(FULL), 'the demo schedule, base recipe', 'k1_base'),
       ('full_k1heavy', {'distill.stages': ((1, 500), (2, 100), (4, 100))},
        'budget split: twice the k=1 steps, two thirds of the k=2/4 steps', 'k1_steps500'),
+      ('full_lr3e-3_soft0.05', dict(FULL, **{'distill.learning_rate': 3e-3,
+                                             'distill.target_smoothing': 0.05}),
+       'the best k=1 recipe through the demo schedule (lr 3e-3 in every stage)',
+       'k1_lr3e-3_soft0.05'),
   )
   return c

@@ -9,7 +9,8 @@ reference, the AR teacher sampling from its own previous samples with the same n
 in the model's cdf_order at tau = 1 - exactly what the AR decoder emits for those uniforms. The
 student's tokens are the argmax of its all-windows forward on the same u (no frequency penalty).
 Reported per slot i: agreement_i (token i equal) and prefix_i (tokens 1..i all equal; prefix_k
-is acc_total against the AR map, and for k = 1 it is the stage-1 acc_total).
+is acc_total against the AR map; for k = 1 it measures what the stage-1 acc_total measures, on
+other held-out noises - the widest stage's - and at tau = 1).
 
 The same windows are also binned by the entropy (nats) of p_AR(. | x_<=t): a student can only
 follow the noise where the teacher is uncertain, and E[max p] per bin is what a student that

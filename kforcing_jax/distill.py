@@ -174,19 +174,23 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
 
 # ----------------------------------------------------------------------------- stages
 
+# noises of the held-out batches: seed + this offset, never a training step's
+VALIDATION_SEED_OFFSET = 10_000
+
 def smoothing_half_width(dc, k: int, step: int, steps: int) -> float:
   """Soft-target half-width at `step` of a stage: distill.target_smoothing at step 0, falling
   linearly to 0 at distill.smoothing_decay * steps (stage k=1 only; 0 = hard targets)."""
   h0 = dc.get('target_smoothing', 0.0)
-  if k != 1 or h0 <= 0:
+  if k != 1 or h0 <= 0 or steps <= 0:
     return 0.0
   end = max(dc.get('smoothing_decay', 0.8) * steps, 1.0)
   return float(h0 * max(0.0, 1.0 - step / end))
 
 
-def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc, steps: int = 0):
+def stage_noise(seed: int, step: int, batch: int, n: int, k: int, dc, steps: int):
   """Host-side noises for one global batch: u (B, N, k), tau (B,), r (B, N, k), and the
-  soft-target half_width (B,) of this step (`smoothing_half_width`).
+  soft-target half_width (B,) of this step of a `steps`-step stage (`smoothing_half_width`;
+  0 for a k outside the schedule, e.g. the evaluation's held-out batches).
 
   A pure function of (seed, step), so a resumed stage sees exactly the same noises."""
   rng = np.random.default_rng([seed, step, k])
@@ -256,7 +260,7 @@ def stage_batches(config, layout: sharding.Layout, k: int, split: str, shuffle: 
   """step -> the stage's global batch: token rows cut to the stage length plus the noises."""
   dc = config.distill
   n = stage_seq_len(config)
-  steps = dict(validate_schedule(dc.stages))[k]
+  steps = dict(validate_schedule(dc.stages)).get(k, 0)
   tokens_at = data.global_batches(config, layout, split, dc.batch_size, shuffle, tokenizer)
   block, blocks = distributed.local_batch_rows(layout.mesh, layout.rules, dc.batch_size)
   rows = slice(block * dc.batch_size // blocks, (block + 1) * dc.batch_size // blocks)
@@ -350,7 +354,7 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
     return state
 
   ar_params = teachers.ar.params if dc.data_weight > 0 else None
-  val_at = stage_batches(config, layout, k, 'validation', False, 10_000, tokenizer)
+  val_at = stage_batches(config, layout, k, 'validation', False, VALIDATION_SEED_OFFSET, tokenizer)
   out_dir = rundir.stage_dir(workdir, k)
   state, metrics = loop.run(loop.Loop(
       name=f'distill k={k}', workdir=out_dir, total_steps=steps,

@@ -47,8 +47,6 @@ from kforcing_jax import roofline, rundir, sharding, timing
 
 NUM_REPORT_SAMPLES = 3
 SPEED_PROMPTS = 'the quality prompts tiled to the batch size, identical for every model'
-# the held-out batches (and noises) of the widest stage's own validation (distill.run_stage)
-AGREEMENT_SEED_OFFSET = 10_000
 
 
 def load_decoders(config, workdir: str, layout, tokenizer) -> list[tuple]:
@@ -191,7 +189,7 @@ def measure_agreement(config, layout, loaded, tokenizer) -> tuple[dict, int]:
     return {}, 0
   k_max = max(export.k for _, export in students)
   batch_at = distill.stage_batches(config, layout, k_max, 'validation', False,
-                                   AGREEMENT_SEED_OFFSET, tokenizer)
+                                   distill.VALIDATION_SEED_OFFSET, tokenizer)
   summaries = agreement.measure(teacher, [export for _, export in students], layout,
                                 (batch_at(i) for i in range(num_batches)))
   records = {name: report.Agreement(**dict(

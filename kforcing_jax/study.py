@@ -70,8 +70,9 @@ def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> d
   if arm.stage1_from:
     source = rundir.stage_dir(os.path.join(output, 'runs', arm.stage1_from, f'seed{seed}'), 1)
     if not os.path.exists(rundir.eval_path(source)):
-      raise FileNotFoundError(f'arm {arm.name} reuses stage k=1 of arm {arm.stage1_from}, '
-                              f'which has not finished seed {seed} ({source}): run it first.')
+      progress.log(f'[study] {run_name(arm, seed)} reuses stage k=1 of arm {arm.stage1_from}, '
+                   f'which has not finished seed {seed} ({source}); next (run it first)')
+      return None
     if not os.path.exists(rundir.stage_dir(workdir, 1)):
       os.symlink(os.path.abspath(source), rundir.stage_dir(workdir, 1))
   t0 = time.time()
@@ -89,20 +90,34 @@ def claim(workdir: str) -> bool:
   """Take a run for this process (several workers may share one study): False when a live
   process holds it. A claim of a dead process is taken over (its run resumes)."""
   path = os.path.join(workdir, 'worker.pid')
-  try:
-    with open(path) as f:
-      holder = int(f.read().strip() or 0)
-  except (FileNotFoundError, ValueError):
-    holder = 0
-  if holder and holder != os.getpid():
-    try:
-      os.kill(holder, 0)
-      return False
-    except ProcessLookupError:
-      pass
-  with open(path, 'w') as f:
-    f.write(str(os.getpid()))
-  return True
+  for _ in range(2):
+    try:  # atomic: exactly one of two workers creates the file
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = int(f.read().strip() or 0)
+      except FileNotFoundError:
+        continue
+      except ValueError:
+        return False  # created by another worker that has not written its pid yet
+      if holder == os.getpid():
+        return True
+      if holder:
+        try:
+          os.kill(holder, 0)
+          return False
+        except ProcessLookupError:
+          pass
+      try:
+        os.remove(path)  # a dead (or unreadable) holder: take the run over
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, 'w') as f:
+      f.write(str(os.getpid()))
+    return True
+  return False
 
 
 def curves(stage_dir: str) -> dict:
@@ -143,13 +158,14 @@ def _stat(values) -> str:
 
 def summary_table(records: list[dict], arm_order: list[str] | None = None) -> str:
   """Markdown: per arm and stage, held-out acc_total and per-slot acc (mean [min, max] over
-  seeds), the ignore-the-noise baseline, and the run time."""
+  seeds), the ignore-the-noise baseline, the run's wall time (workers share the CPU, so it is
+  not a speed measurement) and the arm's note (its overrides are in each run's JSON)."""
   by_arm: dict[str, list[dict]] = {}
   for r in records:
     by_arm.setdefault(r['arm'], []).append(r)
   names = [a for a in (arm_order or []) if a in by_arm] + sorted(set(by_arm) - set(arm_order or []))
   lines = ['| arm | stage k (steps) | seeds | acc_total held-out | per-slot acc | baseline | '
-           'minutes / run | overrides |', '|---|---|---|---|---|---|---|---|']
+           'wall min / run | what |', '|---|---|---|---|---|---|---|---|']
   for name in names:
     runs = by_arm[name]
     for k in sorted({int(k) for r in runs for k in r['stages']}):
@@ -159,8 +175,7 @@ def summary_table(records: list[dict], arm_order: list[str] | None = None) -> st
           f'| {name} | {k} ({stage[0]["steps"]}) | {len(stage)} | '
           f'{_stat([s["acc_total"] for s in stage])} | {slots} | '
           f'{np.mean([s["baseline_acc_total"] for s in stage]):.3f} | '
-          f'{np.mean([r["seconds"] for r in runs]) / 60:.1f} | '
-          f'`{json.dumps(runs[0]["overrides"])}` |')
+          f'{np.mean([r["seconds"] for r in runs]) / 60:.1f} | {runs[0].get("note", "")} |')
   return '\n'.join(lines)
 
 

@@ -340,6 +340,16 @@ def test_the_config_must_name_the_checkpoints_vocabulary_and_mask_id(tmp_path):
   assert not os.path.exists(tmp_path / 'run')  # nothing half-written
 
 
+@pytest.mark.parametrize('field, value', [('cdf_order', 'sorted'), ('noise_scale', 100.0)])
+def test_the_config_must_keep_the_authors_sampler_and_noise_encoder(tmp_path, field, value):
+  write(tmp_path / 'ar.safetensors')
+  config = base_config()
+  config.model[field] = value
+  with pytest.raises(ValueError, match='cdf_order=id --config.model.noise_scale=1'):
+    convert(tmp_path / 'ar.safetensors', tmp_path / 'run', config=config)
+  assert not os.path.exists(tmp_path / 'run')
+
+
 # ----------------------------------------------------------------------------- run directory
 
 def test_ar_and_student_share_a_run_directory(tmp_path):

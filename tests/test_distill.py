@@ -227,3 +227,38 @@ def test_sorted_order_reaches_targets_and_noise_inversion():
   u_inv, real, valid = distill.inverted_noise(ar, params, tokens, 1, r, jnp.ones((3,)))
   again = distill.ar_targets(ar, params, tokens, u_inv, jnp.ones((3,)))
   np.testing.assert_array_equal(np.asarray(again)[valid], np.asarray(real)[valid])
+
+
+def test_soft_loss_in_the_stage_loss_spans_hard_ce_to_teacher_ce():
+  import ml_collections
+  ar, params = random_ar()
+  student, s_params = random_student(1, params)
+  dc = ml_collections.ConfigDict({'data_weight': 0.0, 'target_smoothing': 0.1})
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 1, 64)
+  batch = {'tokens': tokens, 'mask': jnp.ones((2, 9)), 'u': jax.random.uniform(
+      jax.random.key(3), (2, 9, 1)), 'tau': jnp.ones((2,))}
+  loss = lambda h: distill.distill_loss(  # noqa: E731
+      student, ar, dc, s_params, dict(batch, half_width=jnp.full((2,), h)), params, None)
+  hard_loss, hard_metrics = loss(0.0)
+  np.testing.assert_allclose(hard_loss, hard_metrics['loss_1'], rtol=1e-6)
+  full_loss, metrics = loss(1.0)
+  logits, _ = student.module(s_params)(tokens, batch['u'], batch['tau'])
+  logp = jax.nn.log_softmax(logits[:, :, 0], -1)
+  q = sampling.probabilities(ar.module(params)(tokens)[0])
+  w = distill.window_mask(batch['mask'], 1)
+  want = -jnp.sum(jnp.sum(q * logp, -1) * w) / w.sum()
+  np.testing.assert_allclose(full_loss, want, rtol=1e-5)
+  assert float(metrics['half_width']) == 1.0 and abs(float(full_loss - hard_loss)) > 1e-3
+
+
+def test_stage_program_lowers_with_soft_targets_and_refuses_them_in_sorted_order():
+  from configs import test_tiny
+  from kforcing_jax import sharding
+  config = test_tiny.get_config()
+  config.distill.target_smoothing = 0.05
+  program = distill.stage_program(config, sharding.single_device_layout(), 1, None)
+  assert program.abstract_batch['half_width'].shape == (config.distill.batch_size,)
+  program.lower()
+  config.model.cdf_order = 'sorted'
+  with pytest.raises(ValueError, match='cdf_order=id'):
+    distill.stage_program(config, sharding.single_device_layout(), 1, None)

@@ -259,3 +259,15 @@ def test_bfloat16_compute_is_close_and_params_stay_float32(models, batch, forwar
     assert err < 0.1 * np.abs(a32[..., 1:CFG.num_real_tokens]).max(), err
     assert err > 0  # it really ran in bfloat16
     np.testing.assert_array_equal(a16[..., CFG.mask_id], -1000.0)
+
+
+def test_noise_scale_multiplies_u_before_the_features():
+  # the encoder with scale s on u equals the scale-1 encoder on s * u (same weights)
+  from kforcing_jax.models.pflm import NoiseEncoder
+  from flax import nnx
+  enc1 = NoiseEncoder(32, nnx.Rngs(0), noise_scale=1.0)
+  enc100 = NoiseEncoder(32, nnx.Rngs(0), noise_scale=100.0)
+  u = jnp.linspace(0.0, 0.01, 7)
+  np.testing.assert_allclose(np.asarray(enc100(u, jnp.ones(()))),
+                             np.asarray(enc1(100.0 * u, jnp.ones(()))), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(enc100(u, jnp.ones(()))), np.asarray(enc1(u, jnp.ones(()))))

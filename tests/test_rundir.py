@@ -80,3 +80,24 @@ def test_kind_and_missing_exports_are_named(workdir, tmp_path):
     rundir.load_export(str(tmp_path / 'nothing'), layout())
   with pytest.raises(FileNotFoundError, match='no student export'):
     rundir.model_dir(str(tmp_path), 'pflm')
+
+
+def test_a_student_loads_with_the_map_it_learned(tmp_path):
+  # a student trained with noise_scale 100 in the sorted order: without a config the recorded
+  # values come back; a config with other values is refused (same shapes, other function)
+  config = test_tiny.get_config()
+  config.model.noise_scale = 100.0
+  config.model.cdf_order = 'sorted'
+  directory = rundir.stage_dir(str(tmp_path), 1)
+  student = models.student(config, 1)
+  checkpoints.export_params(rundir.params_dir(directory), student.init(jax.random.key(0)),
+                            {'kind': 'pflm', 'k': 1})
+  provenance.write_run_config(directory, provenance.run_record(config))
+  loaded = rundir.load_export(directory, layout())
+  assert loaded.model.cfg.noise_scale == 100.0 and loaded.model.cfg.cdf_order == 'sorted'
+  for field, value in (('noise_scale', 1.0), ('cdf_order', 'id')):
+    other = test_tiny.get_config()
+    other.model.noise_scale, other.model.cdf_order = 100.0, 'sorted'
+    other.model[field] = value
+    with pytest.raises(ValueError, match=f'model.{field}='):
+      rundir.load_export(directory, layout(), config=other)

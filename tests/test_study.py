@@ -54,6 +54,7 @@ def test_curves_split_train_and_validation(tmp_path):
 
 def _record(arm, seed, acc_total, acc):
   return {'arm': arm, 'seed': seed, 'overrides': {'model.noise_scale': 10.0}, 'seconds': 120.0,
+          'note': f'arm {arm}',
           'stages': {'2': {'acc': acc, 'acc_total': acc_total, 'baseline_acc_total': 0.1,
                            'steps': 50, 'curves': {'train': {}, 'validation': {}}}}}
 
@@ -62,7 +63,7 @@ def test_summary_table_means_and_ranges_over_seeds():
   table = study.summary_table([_record('a', 0, 0.2, [0.5, 0.3]), _record('a', 1, 0.4, [0.7, 0.5]),
                                _record('b', 0, 0.1, [0.4, 0.2])], ['b', 'a'])
   lines = table.splitlines()
-  assert lines[2].startswith('| b | 2 (50) | 1 | 0.100 | 0.400 / 0.200 | 0.100 | 2.0 |')
+  assert lines[2] == '| b | 2 (50) | 1 | 0.100 | 0.400 / 0.200 | 0.100 | 2.0 | arm b |'
   assert lines[3].startswith('| a | 2 (50) | 2 | 0.300 [0.200, 0.400] | 0.600 / 0.400 |')
 
 
@@ -77,3 +78,36 @@ def test_claim_is_exclusive_between_live_processes(tmp_path):
     other.kill()
     other.wait()
   assert study.claim(str(tmp_path))  # a dead holder's run is taken over
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end(tiny_data_config, tmp_path):
+  """Two arms x one seed over a real teacher: the k=1 arm trains; the full arm links that
+  stage k=1 and trains k=2 only; records, SUMMARY.md and plots are written; a re-run trains
+  nothing."""
+  import ml_collections
+  from kforcing_jax import teacher
+  config = tiny_data_config
+  config.train.steps = 20
+  teacher.run(config, str(tmp_path / 'teacher_run'))
+  config.distill.eval_every = 5
+  config.study = ml_collections.ConfigDict()
+  config.study.seeds = (3,)
+  config.study.header = '# tiny'
+  config.study.arms = (('k1', {'distill.stages': ((1, 10),)}, 'k=1 only'),
+                       ('full', {'distill.stages': ((1, 10), (2, 5))}, 'then k=2', 'k1'))
+  output = str(tmp_path / 'study')
+  study.run(config, str(tmp_path / 'teacher_run'), output=output)
+  records = {r['arm']: r for r in study.load_records(output)}
+  assert set(records) == {'k1', 'full'} and records['k1']['seed'] == 3
+  assert records['full']['stages']['1']['acc_total'] == records['k1']['stages']['1']['acc_total']
+  assert os.path.islink(os.path.join(output, 'runs', 'full', 'seed3', 'student_k1'))
+  val = records['full']['stages']['2']['curves']['validation']['acc_total']
+  assert [step for step, _ in val] == [5]
+  assert len(records['k1']['stages']['1']['curves']['train']['loss']) >= 2
+  summary = open(os.path.join(output, 'SUMMARY.md')).read()
+  assert summary.startswith('# tiny') and '| full | 2 (5) | 1 |' in summary
+  assert os.path.exists(os.path.join(output, 'curves', 'full.png'))
+  before = os.path.getmtime(os.path.join(output, 'k1__seed3.json'))
+  study.run(config, str(tmp_path / 'teacher_run'), output=output)
+  assert os.path.getmtime(os.path.join(output, 'k1__seed3.json')) == before

@@ -25,6 +25,11 @@ def model_settings(config, config_file: str, dims: layout.Dims) -> dict:
   if not 0 <= m.mask_id < dims.vocab_size:
     raise errors.ConversionError(f'--config.model.mask_id={m.mask_id} is outside the '
                                  f'vocabulary [0, {dims.vocab_size}).')
+  if m.get('cdf_order', 'id') != 'id' or float(m.get('noise_scale', 1.0)) != 1.0:
+    raise errors.ConversionError(
+        f'--config={config_file} has model.cdf_order={m.get("cdf_order")!r} and '
+        f'model.noise_scale={m.get("noise_scale")}: the authors\' checkpoints sample in token-id '
+        "order with phi(u): use --config.model.cdf_order=id --config.model.noise_scale=1.")
   if m.pad_vocab_to_multiple_of < 1:
     raise errors.ConversionError('--config.model.pad_vocab_to_multiple_of='
                                  f'{m.pad_vocab_to_multiple_of} must be >= 1.')
