@@ -257,7 +257,8 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
 
 def stage_batches(config, layout: sharding.Layout, k: int, split: str, shuffle: bool,
                   seed_offset: int, tokenizer=None):
-  """step -> the stage's global batch: token rows cut to the stage length plus the noises."""
+  """step -> the stage's global batch: token rows cut to the stage length plus the noises
+  (tau = 1 outside the train split, whatever distill.tau_range trains on)."""
   dc = config.distill
   n = stage_seq_len(config)
   steps = dict(validate_schedule(dc.stages)).get(k, 0)
@@ -267,6 +268,8 @@ def stage_batches(config, layout: sharding.Layout, k: int, split: str, shuffle: 
 
   def batch_at(step):
     noise = stage_noise(config.seed + seed_offset, step, dc.batch_size, n, k, dc, steps)
+    if split != 'train':  # held-out agreement is measured at the decoding temperature
+      noise['tau'] = np.ones_like(noise['tau'])
     batch = {key: v[:, :n] for key, v in tokens_at(step).items()}
     return dict(batch, **layout.global_batch({key: v[rows] for key, v in noise.items()}))
   return batch_at
