@@ -30,9 +30,11 @@ def get_config():
                     '(k=1: E[max p] of the teacher; k>1: the AR greedy continuation).')
   c.study.arms = (
       ('k1_base', K1, 'the demo recipe before the study: id order, phi(u), AdamW lr 1e-3 cosine'),
-      ('k1_sorted', dict(K1, **{'model.cdf_order': 'sorted'}), 'CDF in descending-probability order'),
+      ('k1_sorted', dict(K1, **{'model.cdf_order': 'sorted'}),
+       'CDF in descending-probability order'),
       ('k1_scale100', dict(K1, **{'model.noise_scale': 100.0}), 'noise encoder reads phi(100 u)'),
-      ('k1_scale1000', dict(K1, **{'model.noise_scale': 1000.0}), 'noise encoder reads phi(1000 u)'),
+      ('k1_scale1000', dict(K1, **{'model.noise_scale': 1000.0}),
+       'noise encoder reads phi(1000 u)'),
       ('k1_authors_opt', dict(K1, **AUTHORS_OPTIMIZER),
        "the authors' stage optimizer: Adam (0.9, 0.999), eps 1e-6, wd 0, constant lr 1e-4"),
       # phase 2 (noise_scale and the sorted order did not beat the base at 250 steps)

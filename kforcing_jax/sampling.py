@@ -193,9 +193,6 @@ def id_order_intervals(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _interval_in_id_order(probs: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  cdf = normalized_cdf(probs)
-  reached = jax.lax.cummax(jnp.where(probs > 0, cdf, 0.0), axis=probs.ndim - 1)
-  below = jnp.concatenate([jnp.zeros_like(cdf[..., :1]), reached[..., :-1]], axis=-1)
-  hi = jnp.take_along_axis(cdf, tokens[..., None], axis=-1)[..., 0]
-  lo = jnp.take_along_axis(below, tokens[..., None], axis=-1)[..., 0]
-  return lo, jnp.maximum(hi, lo)
+  lo, hi = id_order_intervals(probs)
+  take = lambda x: jnp.take_along_axis(x, tokens[..., None], axis=-1)[..., 0]  # noqa: E731
+  return take(lo), take(hi)

@@ -194,8 +194,8 @@ def test_soft_targets_cover_the_window_and_widen_to_the_teacher_distribution():
   assert np.all(q[outside] == 0)
   # reference for one window: overlap lengths of [u-h, u+h] with each interval, normalised
   b, t = 1, 4
-  ref = np.clip(np.minimum(cdf[b, t], uu[b, t, 0] + 0.05) - np.maximum(lo[b, t], uu[b, t, 0] - 0.05),
-                0, None)
+  ref = np.clip(np.minimum(cdf[b, t], uu[b, t, 0] + 0.05)
+                - np.maximum(lo[b, t], uu[b, t, 0] - 0.05), 0, None)
   np.testing.assert_allclose(q[b, t], ref / ref.sum(), atol=2e-5)
 
 
