@@ -134,8 +134,7 @@ def from_shapes(shapes: dict, *, vocab_size: int, mask_id: int, dtype: str = 'fl
     raise ValueError(f'not a model of this project: top-level tensors {sorted(shapes)}.')
   backbone = shapes['backbone'] if kind == 'pflm' else shapes
   cfg = config_from_shapes(backbone, vocab_size, mask_id, dtype, **recorded)
-  model = FunctionalModel(cfg, kind,
-                          k_max=k_max)
+  model = FunctionalModel(cfg, kind, k_max=k_max)
   difference = shape_difference(model.param_shapes, shapes)
   if difference:
     raise ValueError(f'the stored tensors do not form a {kind} model of this project: '
