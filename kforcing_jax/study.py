@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from kforcing_jax import distill, progress, rundir
+from kforcing_jax import agreement, data, distill, progress, rundir, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +54,15 @@ def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> d
   """Distil every stage of the arm's config for one seed; write and return its record (None
   when another worker holds the run)."""
   out_path = os.path.join(output, run_name(arm, seed) + '.json')
+  config = apply_overrides(config, arm.overrides, seed)
+  workdir = os.path.join(output, 'runs', arm.name, f'seed{seed}')
   done = progress.read_json(out_path)
   if done is not None:
     progress.log(f'[study] {run_name(arm, seed)} already done ({out_path})')
+    if 'agreement_vs_ar' not in done:  # a record of an earlier version of the study
+      done['agreement_vs_ar'] = agreement_vs_ar(config, workdir)
+      progress.write_json(out_path, done)
     return done
-  config = apply_overrides(config, arm.overrides, seed)
-  workdir = os.path.join(output, 'runs', arm.name, f'seed{seed}')
   os.makedirs(workdir, exist_ok=True)
   if not claim(workdir):
     progress.log(f'[study] {run_name(arm, seed)} is being run by another worker; next')
@@ -79,11 +82,33 @@ def run_arm(config, arm: Arm, seed: int, teacher_workdir: str, output: str) -> d
   stages = distill.run(config, workdir)
   record = {'arm': arm.name, 'seed': seed, 'overrides': arm.overrides, 'note': arm.note,
             'stage1_from': arm.stage1_from,
+            'agreement_vs_ar': agreement_vs_ar(config, workdir),
             'seconds': time.time() - t0,
             'stages': {str(k): dict(result, curves=curves(rundir.stage_dir(workdir, k)))
                        for k, result in stages.items()}}
   progress.write_json(out_path, record)
   return record
+
+
+def agreement_vs_ar(config, workdir: str) -> dict | None:
+  """The widest student of a run against the AR teacher's own noise -> token map
+  (agreement.measure; per slot and prefix, config.eval.agreement_batches held-out batches): the
+  comparison across arms whose stages had different teachers. None without a student."""
+  stages = [k for k, _ in distill.validate_schedule(config.distill.stages)
+            if os.path.exists(rundir.eval_path(rundir.stage_dir(workdir, k)))]
+  if not stages:
+    return None
+  k = max(stages)
+  layout = sharding.single_device_layout()
+  tokenizer = data.load_tokenizer(config)
+  teacher = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config)
+  student = rundir.load_export(rundir.stage_dir(workdir, k), layout, kind='pflm', config=config)
+  batch_at = distill.stage_batches(config, layout, k, 'validation', False,
+                                   distill.VALIDATION_SEED_OFFSET, tokenizer)
+  summary = agreement.measure(teacher, [student], layout,
+                              (batch_at(i) for i in range(int(config.eval.agreement_batches))))[0]
+  return {'k': k, 'windows': summary['windows'], 'slot': summary['slot'],
+          'prefix': summary['prefix']}
 
 
 def claim(workdir: str) -> bool:
@@ -158,23 +183,28 @@ def _stat(values) -> str:
 
 def summary_table(records: list[dict], arm_order: list[str] | None = None) -> str:
   """Markdown: per arm and stage, held-out acc_total and per-slot acc (mean [min, max] over
-  seeds), the ignore-the-noise baseline, the run's wall time (workers share the CPU, so it is
+  seeds), the ignore-the-noise baseline, the widest student's per-slot agreement with the AR
+  teacher's own map (mean over seeds; on its row only), the run's wall time (workers share the CPU, so it is
   not a speed measurement) and the arm's note (its overrides are in each run's JSON)."""
   by_arm: dict[str, list[dict]] = {}
   for r in records:
     by_arm.setdefault(r['arm'], []).append(r)
   names = [a for a in (arm_order or []) if a in by_arm] + sorted(set(by_arm) - set(arm_order or []))
   lines = ['| arm | stage k (steps) | seeds | acc_total held-out | per-slot acc | baseline | '
-           'wall min / run | what |', '|---|---|---|---|---|---|---|---|']
+           'per-slot vs AR map | wall min / run | what |', '|---|---|---|---|---|---|---|---|---|']
   for name in names:
     runs = by_arm[name]
     for k in sorted({int(k) for r in runs for k in r['stages']}):
       stage = [r['stages'][str(k)] for r in runs if str(k) in r['stages']]
       slots = ' / '.join(f'{np.mean([s["acc"][i] for s in stage]):.3f}' for i in range(k))
+      vs_ar = [r['agreement_vs_ar'] for r in runs
+               if (r.get('agreement_vs_ar') or {}).get('k') == k]
+      ar_slots = ' / '.join(f'{np.mean([a["slot"][i] for a in vs_ar]):.3f}'
+                            for i in range(k)) if vs_ar else '-'
       lines.append(
           f'| {name} | {k} ({stage[0]["steps"]}) | {len(stage)} | '
           f'{_stat([s["acc_total"] for s in stage])} | {slots} | '
-          f'{np.mean([s["baseline_acc_total"] for s in stage]):.3f} | '
+          f'{np.mean([s["baseline_acc_total"] for s in stage]):.3f} | {ar_slots} | '
           f'{np.mean([r["seconds"] for r in runs]) / 60:.1f} | {runs[0].get("note", "")} |')
   return '\n'.join(lines)
 

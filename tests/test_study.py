@@ -63,7 +63,7 @@ def test_summary_table_means_and_ranges_over_seeds():
   table = study.summary_table([_record('a', 0, 0.2, [0.5, 0.3]), _record('a', 1, 0.4, [0.7, 0.5]),
                                _record('b', 0, 0.1, [0.4, 0.2])], ['b', 'a'])
   lines = table.splitlines()
-  assert lines[2] == '| b | 2 (50) | 1 | 0.100 | 0.400 / 0.200 | 0.100 | 2.0 | arm b |'
+  assert lines[2] == '| b | 2 (50) | 1 | 0.100 | 0.400 / 0.200 | 0.100 | - | 2.0 | arm b |'
   assert lines[3].startswith('| a | 2 (50) | 2 | 0.300 [0.200, 0.400] | 0.600 / 0.400 |')
 
 
@@ -107,6 +107,9 @@ def test_a_tiny_study_end_to_end(tiny_data_config, tmp_path):
   assert len(records['k1']['stages']['1']['curves']['train']['loss']) >= 2
   summary = open(os.path.join(output, 'SUMMARY.md')).read()
   assert summary.startswith('# tiny') and '| full | 2 (5) | 1 |' in summary
+  slots = records['full']['agreement_vs_ar']['slot']
+  assert records['full']['agreement_vs_ar']['k'] == 2 and len(slots) == 2
+  assert all(0.0 <= s <= 1.0 for s in slots)
   assert os.path.exists(os.path.join(output, 'curves', 'full.png'))
   before = os.path.getmtime(os.path.join(output, 'k1__seed3.json'))
   study.run(config, str(tmp_path / 'teacher_run'), output=output)
