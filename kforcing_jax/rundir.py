@@ -11,7 +11,16 @@ its config.json the run record training wrote (provenance.py). `load_export` is 
 every tool uses: the architecture comes from the stored shapes (or from the config, when one is
 given, and is then checked against them and against the recorded model settings), vocabulary
 and compute dtype come from the tokenizer / caller or else from the record, the vocabulary is
-checked against the tokenizer, and the parameters land on the layout's shardings.
+checked against the tokenizer (its size, mask id and, where the export records one, its
+fingerprint: provenance.tokenizer_fingerprint), and the parameters land on the layout's
+shardings. A converted export (the converter's, meta 'converted') computes in the dtype of its
+conversion check (CONVERTED_DTYPE): a config asking for another is refused, since distillation
+compiles its step from the config and would silently compute something else.
+
+Provenance: `stage_provenance` says whether a stage is current, stale (its recorded teacher
+fingerprint is not its teacher export's fingerprint now: the teacher was retrained or the
+previous stage re-run), or of unknown provenance (exports written before fingerprints were
+recorded: such runs keep working, with a warning).
 """
 
 import dataclasses
@@ -115,6 +124,10 @@ class Export:
     return 'ar' if self.kind == 'ar' else f'pflm_k{self.k}'
 
 
+# the dtype the converter checks a conversion in (convert/importer.py); conversions written
+# before the dtype was recorded in their meta were checked in it too
+CONVERTED_DTYPE = 'float32'
+
 # model settings that change what the parameters mean without changing their shapes
 RECORDED_MODEL_KEYS = ('vocab_size', 'mask_id')
 # ... and what a student learned: its noise -> token map and its noise encoder's input scale
@@ -157,6 +170,20 @@ def _check_tokenizer(tokenizer, meta: dict, rows: int, where: str) -> None:
                      f'{recorded[1]}, but the {tokenizer.name} tokenizer has '
                      f'{tokenizer.vocab_size} ids and mask id {tokenizer.mask_id}; use the '
                      'tokenizer it was trained with.')
+  fingerprint = meta.get(provenance.TOKENIZER_KEY)
+  if fingerprint is not None and fingerprint != provenance.tokenizer_fingerprint(tokenizer):
+    raise ValueError(f'{where} was trained with a different tokenizer (same size, different '
+                     f'content): it records tokenizer fingerprint {fingerprint}, the '
+                     f'{tokenizer.name} tokenizer given has '
+                     f'{provenance.tokenizer_fingerprint(tokenizer)}; use the tokenizer it was '
+                     'trained with.')
+
+
+def converted_dtype(meta: dict) -> str | None:
+  """The compute dtype of a converted export (its conversion check's), None for our own."""
+  if not meta.get('converted'):
+    return None
+  return str(meta.get('dtype', CONVERTED_DTYPE))
 
 
 def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = None,
@@ -166,8 +193,12 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
   kind: the kind the caller needs ('ar' / 'pflm'); a different stored kind is an error.
   config: build the model from config.model (remat, vocabulary padding and dtype included)
     and check the stored shapes equal it; without it the architecture comes from the shapes.
-  tokenizer: the stored vocabulary must hold its ids (and equal a recorded one).
-  dtype: compute dtype without a config (default: the recorded model.dtype, else float32).
+  tokenizer: the stored vocabulary must hold its ids (and equal a recorded one), and its
+    fingerprint must equal a recorded one (exports without one, older or converted without a
+    tokenizer at hand, are checked on size and mask id only).
+  dtype: compute dtype without a config (default: a converted export's conversion dtype, else
+    the recorded model.dtype, else float32). With a config, config.model.dtype; a converted
+    export refuses one other than its conversion dtype.
   """
   where = params_dir(directory)
   try:
@@ -207,6 +238,12 @@ def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, confi
   if config is not None:
     _check_recorded(config, recorded, directory,
                     RECORDED_MODEL_KEYS + (RECORDED_STUDENT_KEYS if stored_kind == 'pflm' else ()))
+    converted = converted_dtype(meta)
+    if converted is not None and config.model.dtype != converted:
+      raise ValueError(f'{where} is a converted checkpoint, checked by the converter in '
+                       f'{converted}, but config.model.dtype={config.model.dtype!r}: its tokens '
+                       'would differ from the conversion check. Use --config.model.dtype='
+                       f'{converted} (the converted directory\'s config.py sets it).')
     model = models.teacher(config) if stored_kind == 'ar' else models.student(config, k)
     difference = models.shape_difference(model.param_shapes, shapes)
     if difference:
@@ -214,7 +251,8 @@ def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, confi
                        'the model was trained with.')
   else:
     vocab_size, mask_id = _vocabulary(tokenizer, recorded, meta, where)
-    dtype = dtype or recorded.get('dtype') or meta.get('dtype', 'float32')
+    dtype = (dtype or converted_dtype(meta) or recorded.get('dtype')
+             or meta.get('dtype', 'float32'))
     try:
       model = models.from_shapes(shapes, vocab_size=vocab_size, mask_id=mask_id, dtype=dtype,
                                  k_max=k, cdf_order=recorded.get('cdf_order', 'id'),
@@ -223,3 +261,70 @@ def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, confi
       raise ValueError(f'{where}: {e}') from e
   return model
 
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def export_meta(directory: str) -> dict | None:
+  """The meta saved with a model directory's params export (no arrays read), None without one."""
+  where = params_dir(directory)
+  if not epath.Path(where).is_dir():
+    return None
+  try:
+    with checkpoints.ExportReader(where) as reader:
+      return reader.meta()
+  except FileNotFoundError:
+    return None
+
+
+def teacher_name(k: int) -> str:
+  """Directory name of the model stage k is distilled from: the AR teacher for k = 1, else
+  the stage of half its window (stages double)."""
+  return TEACHER if k == 1 else f'{STUDENT_PREFIX}{k // 2}'
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProvenance:
+  """Whether a stage was made from its teacher as that teacher is now.
+
+  status: 'current'  the recorded teacher fingerprint is the teacher export's;
+          'stale'    it is not (the teacher was retrained, or the previous stage re-run);
+          'unknown'  either side records none (made before fingerprints were recorded) or the
+                     teacher has no export: nothing can be said, the stage is used as it is;
+          'converted' a converted checkpoint: it was not made here, it has no teacher."""
+  stage: str
+  teacher: str
+  status: str
+  recorded: str | None
+  current: str | None
+
+  def describe(self) -> str:
+    if self.status == 'stale':
+      return (f'{self.stage} was distilled from a different {self.teacher} (fingerprint '
+              f'{self.recorded} != {self.current})')
+    if self.status == 'unknown':
+      missing = ('its teacher has no export' if self.recorded is not None else
+                 'it records no teacher fingerprint (made before provenance was recorded)')
+      return f'{self.stage} has unknown provenance: {missing}'
+    return f'{self.stage} is {self.status}'
+
+
+def stage_provenance(directory: str, meta: dict | None = None) -> StageProvenance:
+  """The provenance of the stage in `directory` (a student_k{K} of a run directory), from
+  `meta` (default: its export's meta; the distiller passes a checkpoint's) against the export
+  meta of its teacher, the sibling directory the meta names (default `teacher_name(K)`)."""
+  meta = export_meta(directory) if meta is None else meta
+  meta = meta or {}
+  stage = epath.Path(directory).name
+  k = stage_k(directory) or int(meta.get('k', 1))
+  teacher = str(meta.get(provenance.TEACHER_DIR_KEY) or teacher_name(k))
+  if meta.get('converted'):
+    return StageProvenance(stage, teacher, 'converted', None, None)
+  recorded = meta.get(provenance.TEACHER_KEY)
+  teacher_meta = export_meta(_join(str(epath.Path(directory).parent), teacher)) or {}
+  current = teacher_meta.get(provenance.PARAMS_KEY)
+  if recorded is None or current is None:
+    status = 'unknown'
+  else:
+    status = 'current' if recorded == current else 'stale'
+  return StageProvenance(stage, teacher, status, recorded, current)
