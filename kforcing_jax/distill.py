@@ -13,11 +13,13 @@ Stage targets (never from data):
 """
 
 import dataclasses
+import datetime
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from kforcing_jax import checkpoints, data, distributed, loop, models, progress, provenance
 from kforcing_jax import rundir, sampling, sharding, train_state
@@ -356,6 +358,10 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
                                      ['params'])
     return state
 
+  # what this stage is built on: in every checkpoint's meta (a resume on another teacher is
+  # refused by `run`) and in the export's
+  made_from = {provenance.TEACHER_KEY: provenance.params_fingerprint(teachers.teacher.params),
+               provenance.TEACHER_DIR_KEY: epath.Path(teachers.teacher.directory).name}
   ar_params = teachers.ar.params if dc.data_weight > 0 else None
   val_at = stage_batches(config, layout, k, 'validation', False, VALIDATION_SEED_OFFSET, tokenizer)
   out_dir = rundir.stage_dir(workdir, k)
@@ -367,15 +373,81 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
       evaluate=make_stage_eval(student, teachers, k, [val_at(i) for i in range(dc.eval_batches)]),
       log_every=dc.log_every, eval_every=dc.eval_every,
       checkpoint_every=dc.checkpoint_every, keep_checkpoints=dc.keep_checkpoints,
-      meta={'kind': 'pflm', 'k': k}, config_record=provenance.run_record(config),
+      meta={'kind': 'pflm', 'k': k, **made_from}, config_record=provenance.run_record(config),
       profile_steps=dc.profile_steps))
+  identity = {provenance.PARAMS_KEY: provenance.params_fingerprint(state['params'])}
+  if tokenizer is not None:
+    identity[provenance.TOKENIZER_KEY] = provenance.tokenizer_fingerprint(tokenizer)
   checkpoints.export_params(rundir.params_dir(out_dir), state['params'],
-                            {'kind': 'pflm', 'k': k, 'steps': steps})
+                            {'kind': 'pflm', 'k': k, 'steps': steps, **made_from, **identity})
   return metrics
 
 
+def built_on(directory: str) -> dict | None:
+  """The meta of what stage `directory` holds: its export's, else its newest checkpoint's (a
+  stage stopped part-way), else None (nothing built yet)."""
+  meta = rundir.export_meta(directory)
+  if meta is not None:
+    return meta
+  ckpt_dir = epath.Path(directory) / 'checkpoints'
+  if not ckpt_dir.is_dir():
+    return None
+  ckpt = checkpoints.Checkpointer(str(ckpt_dir), keep=1, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    return None if step is None else ckpt.read_meta(step)
+  finally:
+    ckpt.close()
+
+
+def set_aside_if_stale(directory: str, k: int) -> bool:
+  """Moves stage `directory` to <directory>.stale-<UTC time> when what it holds (export or
+  checkpoints) was made from another teacher than its teacher export now; True when it did.
+
+  Moved, not deleted: nothing of the old stage may be resumed or reported as current (so its
+  checkpoints, params and eval.json all leave the stage directory), but it may be the only copy
+  of hours of training, so it stays on disk for the user to inspect or delete. A stage of
+  unknown provenance (written before fingerprints were recorded) is kept and used as it is,
+  with a warning: existing runs keep working."""
+  meta = built_on(directory)
+  if meta is None:
+    return False
+  origin = rundir.stage_provenance(directory, meta)
+  if origin.status == 'unknown':
+    progress.log(f'[distill k={k}] warning: {origin.describe()}; using it as it is (delete '
+                 f'{directory} to rebuild it)')
+    return False
+  if origin.status != 'stale':
+    return False
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+  aside = epath.Path(f'{directory}.stale-{stamp}')
+  progress.log(f'[distill k={k}] {origin.describe()}: rebuilding (the old '
+               f'{epath.Path(directory).name} is moved to {aside})')
+
+  def move():
+    if epath.Path(directory).exists():  # host-local disks: each process moves its own copy
+      epath.Path(directory).rename(aside)
+  distributed.main_process_first(f'set aside {directory}', move)
+  return True
+
+
+def check_teacher_current(workdir: str, k: int, prev_k: int) -> None:
+  """`--stage=k` alone must not distil from a stale stage prev_k: the result would be built on
+  a model the full run is about to replace."""
+  origin = rundir.stage_provenance(rundir.stage_dir(workdir, prev_k))
+  if origin.status == 'stale':
+    raise ValueError(f'stage k={k} would be distilled from a stale stage: {origin.describe()}. '
+                     f'Run distill without --stage (it rebuilds k={prev_k} first) or '
+                     f'--stage={prev_k} first.')
+
+
 def run(config, workdir: str, only_stage: int | None = None) -> dict:
-  """Runs every stage (skipping finished ones) or just `only_stage`. Returns {k: eval}."""
+  """Runs every stage (skipping finished ones) or just `only_stage`. Returns {k: eval}.
+
+  A stage (finished or part-way) whose recorded teacher fingerprint differs from its teacher
+  export's (the teacher retrained, the previous stage re-run) is stale: it is set aside and
+  rebuilt from scratch (`set_aside_if_stale`), which in turn makes the stages after it stale.
+  Stages without a recorded fingerprint (older runs) are used with a warning."""
   stages = validate_schedule(config.distill.stages)
   if only_stage is not None and only_stage not in [k for k, _ in stages]:
     raise ValueError(f'--stage={only_stage} is not in distill.stages={stages}.')
@@ -386,6 +458,9 @@ def run(config, workdir: str, only_stage: int | None = None) -> dict:
   for k, steps in stages:
     out_path = rundir.eval_path(rundir.stage_dir(workdir, k))
     if only_stage is None or only_stage == k:
+      if only_stage is not None and prev_k is not None:
+        check_teacher_current(workdir, k, prev_k)
+      set_aside_if_stale(rundir.stage_dir(workdir, k), k)
       done = progress.read_json(out_path) if only_stage is None else None
       if done is not None:
         results[k] = done

@@ -1,8 +1,9 @@
 """The AR teacher: its loss, its training program and its run.
 
 `run(config, workdir)` trains (or resumes, or skips when done) the teacher and writes the
-teacher directory of the run (rundir.teacher_dir): checkpoints/, params/ (params-only export),
-metrics.jsonl, TensorBoard events, config.json and eval.json.
+teacher directory of the run (rundir.teacher_dir): checkpoints/, params/ (params-only export,
+its meta recording the params' and the tokenizer's fingerprints: provenance.py), metrics.jsonl,
+TensorBoard events, config.json and eval.json.
 """
 
 import time
@@ -88,8 +89,11 @@ def run(config, workdir: str) -> dict:
       checkpoint_every=tc.checkpoint_every, keep_checkpoints=tc.keep_checkpoints,
       meta={'kind': 'ar'}, config_record=provenance.run_record(config),
       profile_steps=tc.profile_steps))
+  # the identities a stage distilled from this teacher records, and loaders check
   checkpoints.export_params(rundir.params_dir(out_dir), state['params'],
-                            {'kind': 'ar', 'k': 1, 'steps': tc.steps})
+                            {'kind': 'ar', 'k': 1, 'steps': tc.steps,
+                             provenance.PARAMS_KEY: provenance.params_fingerprint(state['params']),
+                             provenance.TOKENIZER_KEY: provenance.tokenizer_fingerprint(tokenizer)})
   result = dict(eval_metrics, unigram_val_ppl=data.unigram_perplexity(config), params=n_params,
                 train_steps=tc.steps, seconds=time.time() - t0)
   progress.write_json(rundir.eval_path(out_dir), result)

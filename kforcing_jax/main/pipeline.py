@@ -3,7 +3,10 @@ train the independent evaluator -> evaluate.
 `python -m kforcing_jax.main.pipeline --config=configs/<name>.py --workdir=DIR`.
 
 Every part skips itself when its outputs exist and resumes from its newest checkpoint
-otherwise, so re-running the command continues where it stopped."""
+otherwise, so re-running the command continues where it stopped. A stage whose teacher (or
+previous stage) has changed since it was distilled is stale: distill sets it aside and rebuilds
+it, which makes every later stage stale in turn, and evaluate then redoes a report whose models
+changed (kforcing_jax/rundir.py, `stage_provenance`)."""
 
 import time
 
