@@ -1,7 +1,9 @@
 """Evaluate the AR teacher and every distilled student of a run: quality, speed, roofline
 (METHOD.md s.5). `run(config, workdir)` writes the run's report directory (rundir.report_dir):
-results.json (report.Results), REPORT.md, speedup.png and quality.png; it is skipped when
-results.json exists (force=True re-runs it).
+results.json (report.Results), REPORT.md, speedup.png, quality.png and models.json (the params
+fingerprint of every model evaluated); it is skipped when results.json exists and models.json
+matches the exports (force=True re-runs it). Stale student stages (rundir.stage_provenance)
+are refused unless allow_stale.
 
 Models: "ar" (the teacher, kind 'ar', k = 1) sampled at config.decode.temperature, and
 "pflm_k{k}" for every exported student stage (rundir.exports), decoded with its own k, tau = 1
@@ -41,17 +43,38 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
-from kforcing_jax import agreement, checkpoints, data, decode, distill, metrics, progress, report
-from kforcing_jax import roofline, rundir, sharding, timing
+from kforcing_jax import agreement, checkpoints, data, decode, distill, metrics, progress
+from kforcing_jax import provenance, report, roofline, rundir, sharding, timing
 
 NUM_REPORT_SAMPLES = 3
 SPEED_PROMPTS = 'the quality prompts tiled to the batch size, identical for every model'
 
 
-def load_decoders(config, workdir: str, layout, tokenizer) -> list[tuple]:
-  """[(decode.Decoder, rundir.Export)] of the teacher, then every student stage."""
+def check_provenance(workdir: str, allow_stale: bool = False) -> None:
+  """Refuses (ValueError) a student stage of `workdir` that is stale (rundir.stage_provenance:
+  distilled from a teacher or previous stage that has changed since), unless `allow_stale`,
+  which evaluates it with a warning; stages of unknown provenance (exports from before
+  fingerprints were recorded) are evaluated with a warning."""
+  for k in rundir.student_stages(workdir):
+    origin = rundir.stage_provenance(rundir.stage_dir(workdir, k))
+    if origin.status == 'stale' and not allow_stale:
+      raise ValueError(f'{origin.describe()}: it is stale and its results would not describe '
+                       'this run. Fix: re-run distillation (python -m kforcing_jax.main.distill '
+                       'or the pipeline), which rebuilds it, or pass --allow_stale to evaluate '
+                       'it anyway.')
+    if origin.status in ('stale', 'unknown'):
+      progress.log(f'[evaluate] warning: {origin.describe()}' + (
+          '; evaluated anyway (--allow_stale)' if origin.status == 'stale' else ''))
+
+
+def load_decoders(config, workdir: str, layout, tokenizer,
+                  allow_stale: bool = False) -> list[tuple]:
+  """[(decode.Decoder, rundir.Export)] of the teacher, then every student stage (stale ones
+  refused unless `allow_stale`: check_provenance)."""
   dc = config.decode
+  check_provenance(workdir, allow_stale)
   exports = [rundir.load_export(d, layout, config=config, tokenizer=tokenizer)
              for d in rundir.exports(workdir)]
   if not exports or exports[0].kind != 'ar':
@@ -108,8 +131,9 @@ def load_evaluator(config, layout, tokenizer, workdir: str | None = None) -> run
   if directory is None:
     return None
   try:
+    # in its own dtype (recorded by its training or its conversion), as it was checked
     return rundir.load_export(rundir.teacher_dir(directory), layout, kind='ar',
-                              tokenizer=tokenizer, dtype=config.model.dtype)
+                              tokenizer=tokenizer)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'config.eval.evaluator_workdir={directory!r}: {e} Or set '
                             "--config.eval.evaluator_workdir=''.") from e
@@ -241,15 +265,43 @@ def _with_speed(entry: dict, rows: list, ar_rows: list) -> report.ModelResult:
       for row in rows])
 
 
+MODELS_FILE = 'models.json'
+
+
+def model_fingerprints(workdir: str) -> dict[str, str | None]:
+  """{model directory name: its export's params fingerprint (None where it records none)}."""
+  return {epath.Path(d).name: (rundir.export_meta(d) or {}).get(provenance.PARAMS_KEY)
+          for d in rundir.exports(workdir)}
+
+
+def report_outdated(workdir: str) -> str | None:
+  """Why the report of `workdir` no longer describes its models (their fingerprints then and
+  now differ, or models came or went), or None: current, or written before the report
+  recorded them (report/models.json)."""
+  then = progress.read_json(epath.Path(rundir.report_dir(workdir)) / MODELS_FILE)
+  if then is None:
+    return None
+  now = model_fingerprints(workdir)
+  changed = sorted(name for name in set(then) | set(now) if then.get(name) != now.get(name))
+  return f'{", ".join(changed)} changed since it was written' if changed else None
+
+
 def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=None,
-        config_name: str | None = None) -> report.Results:
+        config_name: str | None = None, allow_stale: bool = False) -> report.Results:
   """Evaluate every model in `workdir` and write its report directory. Returns the results.
 
   `prompts` ((num, prefix_len) int array) and `tokenizer` default to the held-out split's
   document prefixes and the config's tokenizer (tests pass their own). `config_name`: the
-  config file, for the report (the values are stored too)."""
+  config file, for the report (the values are stored too). A stale student stage is an error
+  unless `allow_stale` (check_provenance). A report whose models have changed since it was
+  written (report_outdated) is redone."""
   out_dir = rundir.report_dir(workdir)
   done = None if force else report.read(out_dir)
+  outdated = None if done is None else report_outdated(workdir)
+  if outdated is not None:
+    progress.log(f'[evaluate] the report in {out_dir} is out of date ({outdated}); '
+                 're-evaluating')
+    done = None
   if done is not None:
     progress.log(f'[evaluate] already done ({report.results_path(out_dir)}); skipping (use '
                  '--force to redo)')
@@ -266,7 +318,7 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
     data.check_vocab(config, tokenizer)
   prompts = _prompts(config, prompts, tokenizer)
   batch_sizes = [int(b) for b in ec.batch_sizes]
-  loaded = load_decoders(config, workdir, layout, tokenizer)
+  loaded = load_decoders(config, workdir, layout, tokenizer, allow_stale)
   progress.log('[evaluate] models: ' + ', '.join(d.name for d, _ in loaded))
   teacher = loaded[0][1]
   evaluator = load_evaluator(config, layout, tokenizer, workdir)
@@ -308,6 +360,7 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
       config_values=json.loads(config.to_json_best_effort()), seconds=time.time() - t_start)
   if progress.is_main_process():
     report.write(out_dir, results)
+    progress.write_json(epath.Path(out_dir) / MODELS_FILE, model_fingerprints(workdir))
   else:
     report.Results.from_json(results.to_json())
   progress.log(f'[evaluate] wrote {out_dir}: results.json, REPORT.md, speedup.png, quality.png')
