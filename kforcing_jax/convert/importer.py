@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kforcing_jax import checkpoints
+from kforcing_jax import checkpoints, data, provenance, rundir
 from kforcing_jax.convert import errors, layout, mapping, reader, run_dir, validate
 from kforcing_jax.models import FunctionalModel, backbone_config
 
@@ -38,6 +38,20 @@ def model_settings(config, config_file: str, dims: layout.Dims) -> dict:
   return dict(zip(run_dir.MODEL_FIELDS, values))
 
 
+def tokenizer_fingerprint(config, dims: layout.Dims) -> str | None:
+  """provenance.tokenizer_fingerprint of the base config's tokenizer when it is at hand and
+  fits the checkpoint (size and mask id), so loads with another tokenizer of the same size are
+  refused; None when it is not (the converter needs no tokenizer: loads then check the size
+  and mask id only)."""
+  try:
+    tokenizer = data.load_tokenizer(config)
+  except (FileNotFoundError, ValueError):
+    return None
+  if (tokenizer.vocab_size, tokenizer.mask_id) != (dims.vocab_size, config.model.mask_id):
+    return None
+  return provenance.tokenizer_fingerprint(tokenizer)
+
+
 def check_window(kind: str, k: int) -> None:
   # distillation stages double from k = 1, so only powers of two fit a stage schedule
   if kind == 'pflm' and (k < 1 or k & (k - 1)):
@@ -46,7 +60,10 @@ def check_window(kind: str, k: int) -> None:
 
 
 def our_model(model: dict, kind: str, k: int) -> FunctionalModel:
-  cfg = backbone_config(ml_collections.ConfigDict(dict(model, mlp_ratio=4, dtype='float32')))
+  """The converted model as the conversion check runs it: in rundir.CONVERTED_DTYPE, which the
+  export's meta and DST/config.py record, so every later command computes the same tokens."""
+  cfg = backbone_config(ml_collections.ConfigDict(dict(model, mlp_ratio=4,
+                                                       dtype=rundir.CONVERTED_DTYPE)))
   return FunctionalModel(cfg, kind, k_max=k)
 
 
@@ -73,10 +90,15 @@ def convert_checkpoint(src: str, dst: str, config, config_file: str, kind: str |
   produced = jax.tree.map(lambda x: tuple(x.shape), params)
   if produced != jax.tree.map(lambda x: tuple(x.shape), target.param_shapes):
     raise AssertionError(f'converter bug: parameter tree {produced} does not match the model')
+  params = jax.tree.map(jnp.asarray, params)
   meta = dict(model, kind=kind, k=k, source=os.path.abspath(src), converted=True,
-              padded_vocab_size=target.cfg.vocab_size,
-              params=layout.parameter_count(layout.expected_shapes(kind, dims)))
-  checkpoints.export_params(path, jax.tree.map(jnp.asarray, params), meta)
+              padded_vocab_size=target.cfg.vocab_size, dtype=target.cfg.dtype,
+              params=layout.parameter_count(layout.expected_shapes(kind, dims)),
+              **{provenance.PARAMS_KEY: provenance.params_fingerprint(params)})
+  fingerprint = tokenizer_fingerprint(config, dims)
+  if fingerprint is not None:
+    meta[provenance.TOKENIZER_KEY] = fingerprint
+  checkpoints.export_params(path, params, meta)
   manifest['exports'][relative] = {'kind': kind, 'k': k, 'source': meta['source']}
   run_dir.write_manifest(dst, manifest)
   config_path = run_dir.write_config(dst, manifest, config)

@@ -7,7 +7,8 @@
 
 DST/config.py is the base config the user named (--config=configs/lm1b_ar.py, loaded from
 that path, relative to the directory the commands run from) with the converted model's
-settings and a distillation schedule that reaches one stage past the widest converted student.
+settings, the compute dtype of the conversion check (rundir.CONVERTED_DTYPE, also in each
+export's meta with the params' fingerprint) and a distillation schedule that reaches one stage past the widest converted student.
 An AR and a PFLM checkpoint may be converted into the same DST (that is what distilling a
 wider stage from a released student needs); their base config and model settings must agree.
 """
@@ -102,6 +103,8 @@ def config_source(manifest: dict, config) -> str:
   if config.data.tokenizer == 'bpe':
     lines.append(f'  c.data.vocab_size = {model["vocab_size"]}  # the bpe tokenizer must match')
   lines += [f'  c.model.{key} = {model[key]!r}' for key in MODEL_FIELDS]
+  # the dtype of the conversion check: another one gives other tokens (loads refuse it)
+  lines.append(f'  c.model.dtype = {rundir.CONVERTED_DTYPE!r}')
   lines.append(f'  c.distill.stages = {distill_stages(config.distill.stages, student_ks)!r}')
   lines += ['  return c', '']
   return '\n'.join(lines)
