@@ -17,7 +17,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kforcing_jax import distributed
+from kforcing_jax import config_checks, distributed
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
                                          '(configs/<name>.py); override fields with '
@@ -58,7 +58,7 @@ def run(main: Callable) -> None:
         raise
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(2)
-  app.run(guarded)
+  app.run(guarded, flags_parser=config_checks.parse_flags)
 
 
 def main(run_fn: Callable, **kwargs: Callable[[], object]) -> None:
@@ -68,6 +68,7 @@ def main(run_fn: Callable, **kwargs: Callable[[], object]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     start()
+    config_checks.check(CONFIG.value)
     run_fn(CONFIG.value, WORKDIR.value, **{name: read() for name, read in kwargs.items()})
 
   flags.mark_flags_as_required(['config'])
