@@ -69,12 +69,9 @@ def check_provenance(workdir: str, allow_stale: bool = False) -> None:
           '; evaluated anyway (--allow_stale)' if origin.status == 'stale' else ''))
 
 
-def load_decoders(config, workdir: str, layout, tokenizer,
-                  allow_stale: bool = False) -> list[tuple]:
-  """[(decode.Decoder, rundir.Export)] of the teacher, then every student stage (stale ones
-  refused unless `allow_stale`: check_provenance)."""
+def load_decoders(config, workdir: str, layout, tokenizer) -> list[tuple]:
+  """[(decode.Decoder, rundir.Export)] of the teacher, then every student stage."""
   dc = config.decode
-  check_provenance(workdir, allow_stale)
   exports = [rundir.load_export(d, layout, config=config, tokenizer=tokenizer)
              for d in rundir.exports(workdir)]
   if not exports or exports[0].kind != 'ar':
@@ -307,6 +304,7 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
                  '--force to redo)')
     return done
   t_start = time.time()
+  check_provenance(workdir, allow_stale)  # before any data or model is loaded
   dc, ec = config.decode, config.eval
   prefix_len, gen_len = int(dc.prefix_len), int(dc.gen_len)
   if gen_len <= prefix_len:
@@ -318,7 +316,7 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
     data.check_vocab(config, tokenizer)
   prompts = _prompts(config, prompts, tokenizer)
   batch_sizes = [int(b) for b in ec.batch_sizes]
-  loaded = load_decoders(config, workdir, layout, tokenizer, allow_stale)
+  loaded = load_decoders(config, workdir, layout, tokenizer)
   progress.log('[evaluate] models: ' + ', '.join(d.name for d, _ in loaded))
   teacher = loaded[0][1]
   evaluator = load_evaluator(config, layout, tokenizer, workdir)
