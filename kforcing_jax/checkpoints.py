@@ -6,19 +6,47 @@ checkpoint written on one mesh (or number of hosts) restores on any other, inclu
 Multi-host: every process calls save, restore, export_params and import_params (orbax
 writes each process's shards and synchronises the commit); never call them from process 0
 only, or the others wait at orbax's barrier forever. Paths may be local or gs://.
+
+Failures: a save that fails (disk full, permissions; an asynchronous save's error surfaces at
+the next save, `check` or `wait`) raises SaveFailed, which stops a run at once. A checkpoint is
+usable when orbax restores it and every array in it is finite (`all_finite`);
+`restore_newest_usable` falls back from an unreadable newest checkpoint to the next older one.
 """
 
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from kforcing_jax import progress
+
+
+class SaveFailed(Exception):
+  """Writing a checkpoint failed; carries the step, the directory and the reason."""
+  exit_code = 5
+
+
+@jax.jit
+def _finite_flags(tree):
+  return [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def all_finite(tree) -> bool:
+  """True when no floating-point array in `tree` holds a NaN or an infinity."""
+  return bool(np.all(jax.device_get(_finite_flags(tree))))
 
 
 class Checkpointer:
   """Keep-last-N, asynchronous saves of {'state': pytree, 'meta': json} under `directory`."""
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    if keep < 1:  # orbax would delete every checkpoint as soon as it is written
+      raise ValueError(f'keep_checkpoints must be >= 1 (got {keep}): a run keeps at least its '
+                       'newest checkpoint to resume from.')
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
     # handlers named up front so `state_shapes` can read metadata without a restore target
     self._manager = ocp.CheckpointManager(
@@ -37,9 +65,67 @@ class Checkpointer:
     tree = self._manager.item_metadata(step)['state'].tree
     return jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, 'shape'))
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts saving `step` (asynchronously unless async_save=False). Raises SaveFailed, also
+    for an earlier asynchronous save that failed meanwhile."""
+    self.check()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)),
+                         force=True)
+    except Exception as e:  # noqa: BLE001 - any failure to write is the run's end
+      raise SaveFailed(f'saving checkpoint step {step} to {self.directory} failed: '
+                       f'{_reason(e)}') from e
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True on every process when the cluster's preemption notice reached them
+    all at `step` (jax's preemption sync point); RuntimeError without that service."""
+    return self._manager.reached_preemption(step)
+
+  def check(self) -> None:
+    """Raises SaveFailed when an asynchronous save has failed since the last check."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise SaveFailed(f'saving a checkpoint to {self.directory} failed: {_reason(e)}') from e
+
+  def wait(self) -> None:
+    """Blocks until the pending save is on disk; raises SaveFailed when it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise SaveFailed(f'saving a checkpoint to {self.directory} failed: {_reason(e)}') from e
+    self.check()
+
+  def restore_newest_usable(self, abstract_state):
+    """(state, meta, step) of the newest checkpoint that restores and holds only finite
+    values; None when there is no checkpoint. Each newer one that is not usable is reported
+    and deleted (a later save of its step would otherwise collide with it); ValueError when
+    none is usable."""
+    failures = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 - whatever orbax raises for damaged files
+        failures.append((step, _reason(e.__cause__ or e)))
+        continue
+      if not all_finite(state):
+        failures.append((step, 'it holds NaN or infinite values'))
+        continue
+      for bad, reason in failures:
+        progress.log(f'checkpoint step {bad} is unreadable ({reason}); resuming from step '
+                     f'{step} (step {bad} deleted)')
+        self._manager.delete(bad)
+      return state, meta, step
+    if not failures:
+      return None
+    listed = '; '.join(f'step {step}: {reason}' for step, reason in failures)
+    raise ValueError(f'no usable checkpoint in {self.directory} ({listed}). Use the config that '
+                     'wrote them, or a fresh --workdir (or delete that checkpoints folder) to '
+                     'start over.')
 
   def restore(self, step: int, abstract_state):
     """Returns (state, meta) laid out as `abstract_state`'s shardings say."""
@@ -59,8 +145,14 @@ class Checkpointer:
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an error, with its type when the text alone would be vague."""
+  text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 def export_params(directory: str, params, meta: dict) -> None:

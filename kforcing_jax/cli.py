@@ -8,6 +8,19 @@ A main under kforcing_jax/main/ is then one line over a library call:
 
 and a main whose library call is not `run(config, workdir, ...)` (convert, reproduce) wraps its
 own `main(argv)` in `cli.run`, calling `start()` first.
+
+Exit status of every main (`run`):
+    0    done
+    1    a bug: an unexpected exception, with its traceback
+    2    bad input (config value, flag, missing or unreadable file, mismatched or unusable
+         checkpoints, a resume with a config that changes the math): one `error:` line
+    3    the run directory is in use by another live process (run_lock): one `error:` line
+    4    the loss or gradient norm became NaN/inf (loop.NonFiniteLoss): one `error:` line;
+         the checkpoints hold the last finite state only
+    5    a checkpoint could not be written (disk full, permissions): one `error:` line
+    143  stopped by SIGTERM (preemption, e.g. a spot VM) after saving a checkpoint at the next
+         step boundary; rerun the same command to resume exactly
+    130  the same for SIGINT (Ctrl-C; a second Ctrl-C stops at once, unsaved)
 """
 
 import os
@@ -17,7 +30,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kforcing_jax import config_checks, distributed
+from kforcing_jax import checkpoints, config_checks, distributed, loop, run_lock
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
                                          '(configs/<name>.py); override fields with '
@@ -53,11 +66,14 @@ def run(main: Callable) -> None:
   def guarded(argv):
     try:
       return main(argv)
-    except (FileNotFoundError, ValueError) as e:
+    except loop.Preempted as e:  # not an error: the loop logged where to resume from
+      sys.exit(e.exit_code)
+    except (FileNotFoundError, ValueError, run_lock.WorkdirLocked, loop.NonFiniteLoss,
+            checkpoints.SaveFailed) as e:
       if os.environ.get('KFORCING_TRACEBACK'):
         raise
       print(f'error: {e}', file=sys.stderr, flush=True)
-      sys.exit(2)
+      sys.exit(getattr(e, 'exit_code', 2))
   app.run(guarded, flags_parser=config_checks.parse_flags)
 
 

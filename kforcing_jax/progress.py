@@ -16,6 +16,7 @@ an object store appear when the writer closes. JSON written here is always valid
 
 import json
 import math
+import os
 import time
 import uuid
 from typing import Any
@@ -147,6 +148,14 @@ def _tensorboard_writer(directory: epath.Path):
                                     filename_suffix=f'.{uuid.uuid4().hex[:8]}')
 
 
+def _row_step(line: str) -> int | None:
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row.get('step') if isinstance(row, dict) else None
+
+
 class MetricsWriter:
   """Metrics rows to <directory>/metrics.jsonl (one JSON object per line: step, time, then the
   metrics; NaN/inf as null) and, where tensorboardX is installed, to TensorBoard event files in
@@ -176,6 +185,25 @@ class MetricsWriter:
         self.tensorboard.add_scalar(name, value, int(step))
     if time.time() - self._last_flush >= self.flush_every_s:
       self._flush_rows()
+
+  def drop_rows_after(self, step: int) -> None:
+    """Removes the rows of steps after `step` (and a last line cut short by a killed process)
+    from the file: a run resumed from `step` writes those steps again, so each step keeps one
+    row, the same as in a run never stopped."""
+    if not self.active or not self.path.exists():
+      return
+    self._flush_rows()
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith('\n') and _row_step(line) is not None
+            and _row_step(line) <= step]
+    if len(kept) == len(lines):
+      return
+    if is_object_store(self.path):
+      self.path.write_text(''.join(kept))
+    else:  # never a half-written metrics file, even if this process is killed meanwhile
+      tmp = self.path.parent / (self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      os.replace(tmp, self.path)
 
   def write_hparams(self, hparams: dict[str, bool | int | float | str]) -> None:
     """The run's hyper-parameters (flat name -> scalar or string) for TensorBoard's HParams
