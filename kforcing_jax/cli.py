@@ -23,6 +23,7 @@ Exit status of every main (`run`):
     130  the same for SIGINT (Ctrl-C; a second Ctrl-C stops at once, unsaved)
 """
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -77,15 +78,20 @@ def run(main: Callable) -> None:
   app.run(guarded, flags_parser=config_checks.parse_flags)
 
 
-def main(run_fn: Callable, **kwargs: Callable[[], object]) -> None:
+def main(run_fn: Callable, lock_workdir: bool = False, **kwargs: Callable[[], object]) -> None:
   """The whole main of a `run(config, workdir, ...)` library function: --config is required;
-  each keyword is a flag reader whose value is passed as that keyword argument."""
+  each keyword is a flag reader whose value is passed as that keyword argument.
+
+  lock_workdir: the main writes the run directory (train, distill, pipeline), so it holds
+  <workdir>/run.lock while it runs (run_lock): a second writer on the same directory refuses
+  before it compiles anything (exit 3). The loop locks each model directory as well."""
   def entry(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    start()
-    config_checks.check(CONFIG.value)
-    run_fn(CONFIG.value, WORKDIR.value, **{name: read() for name, read in kwargs.items()})
+    start()  # first: the lock asks jax which process this is, which fixes the cluster
+    with run_lock.hold(WORKDIR.value) if lock_workdir else contextlib.nullcontext():
+      config_checks.check(CONFIG.value)
+      run_fn(CONFIG.value, WORKDIR.value, **{name: read() for name, read in kwargs.items()})
 
   flags.mark_flags_as_required(['config'])
   run(entry)

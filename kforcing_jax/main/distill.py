@@ -9,4 +9,4 @@ from kforcing_jax import cli, distill
 _STAGE = flags.DEFINE_integer('stage', None, 'Run only the stage with this k.')
 
 if __name__ == '__main__':
-  cli.main(distill.run, only_stage=lambda: _STAGE.value)
+  cli.main(distill.run, lock_workdir=True, only_stage=lambda: _STAGE.value)

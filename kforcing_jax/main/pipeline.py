@@ -44,4 +44,4 @@ def pipeline(config, workdir: str, config_name: str | None = None) -> None:
 
 
 if __name__ == '__main__':
-  cli.main(pipeline, config_name=cli.config_file)
+  cli.main(pipeline, lock_workdir=True, config_name=cli.config_file)

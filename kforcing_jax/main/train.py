@@ -4,4 +4,4 @@
 from kforcing_jax import cli, teacher
 
 if __name__ == '__main__':
-  cli.main(teacher.run)
+  cli.main(teacher.run, lock_workdir=True)
