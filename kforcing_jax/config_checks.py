@@ -241,7 +241,8 @@ def _eval(config) -> None:
       raise ValueError(f'config.eval.evaluator: {e}') from None
 
 
-def _reproduce(config) -> None:
+def check_reproduce(config) -> None:
+  """config.reproduce (configs/paper_protocol.py): the protocol's own settings."""
   for field in ('prefix_tokens', 'batch_size', 'n_per_prefix'):
     _int_at_least(config, f'reproduce.{field}', 1)
   for field in ('max_new_tokens', 'n_warmup_batches', 'max_prefixes', 'seed'):
@@ -276,7 +277,7 @@ def check(config, num_devices: int | None = None) -> None:
   _decode(config)
   _eval(config)
   if 'reproduce' in config:
-    _reproduce(config)
+    check_reproduce(config)
 
 
 def _one_line(error: BaseException) -> str:

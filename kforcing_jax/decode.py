@@ -17,6 +17,7 @@ shardings, and `decoder(export, layout, ...)` binds a loaded model to its settin
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -307,11 +308,13 @@ def freq_penalty(config, k: int) -> float:
 class Decoder:
   """A loaded model bound to its decode settings: `decoder(prompts, key)` -> tokens (B, L).
 
-  name: 'ar' or 'pflm_k{k}' (k tokens per step); kind 'ar' | 'pflm'; settings: what is reported
-  beside its results (temperature, or tau and freq_penalty)."""
+  name: 'ar' or 'pflm_k{k}' (k tokens per step); kind 'ar' | 'pflm'; gen_len: the total length
+  of its outputs, prompt included; settings: what is reported beside its results (temperature,
+  or tau and freq_penalty)."""
   name: str
   kind: str
   k: int
+  gen_len: int
   settings: dict
   run: Callable = dataclasses.field(repr=False)
 
@@ -323,10 +326,15 @@ def decoder(export, layout, *, gen_len: int, k: int | None = None, eos_id: int |
             penalty: float = 0.0, temperature: float = 1.0) -> Decoder:
   """A Decoder for a `rundir.Export` on `layout`: the AR teacher samples at `temperature`;
   a student decodes k (default: its own k_max) tokens per step at tau = 1 with `penalty`."""
+  if not (math.isfinite(temperature) and temperature > 0):
+    raise ValueError(f'temperature={temperature}: must be a finite number > 0 (sampling divides '
+                     'the logits by it; for nearly greedy tokens use a small value like 1e-3).')
+  if not (math.isfinite(penalty) and penalty >= 0):
+    raise ValueError(f'frequency penalty={penalty}: must be a finite number >= 0 (0 = none).')
   if export.kind == 'ar':
     run = sharded_decoder(export.model, layout.mesh, layout.rules, 'ar', gen_len=gen_len,
                           eos_id=eos_id)
-    return Decoder('ar', 'ar', 1, {'temperature': float(temperature)},
+    return Decoder('ar', 'ar', 1, gen_len, {'temperature': float(temperature)},
                    lambda prompts, key: run(export.params, prompts, key, temperature))
   k = export.k if k is None else int(k)
   if not 1 <= k <= export.k:
@@ -334,22 +342,48 @@ def decoder(export, layout, *, gen_len: int, k: int | None = None, eos_id: int |
                      f'per step (k_max={export.k}).')
   run = sharded_decoder(export.model, layout.mesh, layout.rules, 'pflm', gen_len=gen_len, k=k,
                         freq_penalty=float(penalty), eos_id=eos_id)
-  return Decoder(f'pflm_k{k}', 'pflm', k, {'tau': 1.0, 'freq_penalty': float(penalty)},
+  return Decoder(f'pflm_k{k}', 'pflm', k, gen_len, {'tau': 1.0, 'freq_penalty': float(penalty)},
                  lambda prompts, key: run(export.params, prompts, key, 1.0))
 
 
-def complete(dec: Decoder, tokenizer, prompts: list[str], key) -> list[str]:
-  """Text in, text out: every prompt tokenized, decoded by `dec`, detokenized (without the
-  padding after EOS when `dec` was built with an eos_id).
-
-  Prompts are cut to the shortest one's length (one compiled shape)."""
+def prompt_ids(dec: Decoder, tokenizer, prompts: list[str]) -> list[list[int]]:
+  """Every prompt's token ids, each checked against `dec` before anything compiles: at least k
+  tokens (k-token decoding feeds the last k in its first step; the AR teacher needs one) and
+  fewer than dec.gen_len (the total length, prompt included: at least one token to generate).
+  Errors name the prompt by its 1-based number."""
+  if not prompts:
+    raise ValueError('no prompt given: pass --prompt="some text".')
   encoded = [tokenizer.encode(p) for p in prompts]
-  plen = min(len(e) for e in encoded)
-  if plen < dec.k:
-    raise ValueError(f'the shortest prompt has {plen} tokens; {dec.name} decoding feeds the '
-                     f'last {dec.k} prompt tokens in its first step: use longer prompts.')
-  out = to_host(dec(np.asarray([e[:plen] for e in encoded], np.int32), key))
-  return [tokenizer.decode([t for t in row if t != tokenizer.mask_id]) for row in out]
+  for number, (text, ids) in enumerate(zip(prompts, encoded), 1):
+    if len(ids) < dec.k:
+      raise ValueError(f'prompt {number} ({text!r}) has {len(ids)} tokens; {dec.name} decoding '
+                       f'needs at least {dec.k} (its first step feeds the last {dec.k} prompt '
+                       'tokens): use a longer prompt.')
+    if len(ids) >= dec.gen_len:
+      raise ValueError(f'prompt {number} has {len(ids)} tokens but config.decode.gen_len='
+                       f'{dec.gen_len} is the total length, prompt included: nothing to '
+                       f'generate. Fix: --config.decode.gen_len={len(ids) + 1} or more, or a '
+                       'shorter prompt.')
+  return encoded
+
+
+def decode_prompts(dec: Decoder, encoded: list[list[int]], key) -> list[np.ndarray]:
+  """Each token-id prompt completed from its own length to dec.gen_len tokens (prompt included).
+
+  Prompt i decodes as a batch of one with the noise key fold_in(key, i), so its tokens depend
+  only on the model, the settings, its ids, `key` and i: never on how many other prompts there
+  are or how long they are. One compiled loop per distinct prompt length; every decode is
+  dispatched before the first is read back."""
+  outputs = [dec(np.asarray([ids], np.int32), jax.random.fold_in(key, i))
+             for i, ids in enumerate(encoded)]
+  return [to_host(out)[0] for out in outputs]
+
+
+def complete(dec: Decoder, tokenizer, prompts: list[str], key) -> list[str]:
+  """Text in, text out: every prompt tokenized (`prompt_ids`), decoded by `decode_prompts`,
+  detokenized (without the padding after EOS when `dec` was built with an eos_id)."""
+  rows = decode_prompts(dec, prompt_ids(dec, tokenizer, prompts), key)
+  return [tokenizer.decode([t for t in row if t != tokenizer.mask_id]) for row in rows]
 
 
 def to_host(x) -> np.ndarray:

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from kforcing_jax import data, decode, metrics, progress, rundir, sharding, timing
+from kforcing_jax import config_checks, data, decode, metrics, progress, rundir, sharding, timing
 
 THROUGHPUT_FIELDS = (
     'model', 'task', 'batch_size', 'n_per_prefix', 'total_samples', 'max_new_tokens',
@@ -57,11 +57,19 @@ _PREFIX_LINE = 'expected one object per line like {"prefix": "some text"}.'
 # ----------------------------------------------------------------------------- prompts
 
 def load_prefixes(path: str) -> list[str]:
-  """The "prefix" string of every JSON line of `path` (blank lines skipped)."""
+  """The "prefix" string of every JSON line of `path` (blank lines skipped); errors name the
+  file and the line."""
   if not epath.Path(path).is_file():
     raise FileNotFoundError(f'--prefix_file={path} does not exist.')
+  content = epath.Path(path).read_bytes()
+  try:
+    text = content.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = content[:e.start].count(b'\n') + 1
+    raise ValueError(f'--prefix_file={path} line {line} is not UTF-8 ({e.reason} at byte '
+                     f'{e.start}); save the file as UTF-8.') from None
   out = []
-  for number, line in enumerate(epath.Path(path).read_text(encoding='utf-8').splitlines(), 1):
+  for number, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -71,6 +79,9 @@ def load_prefixes(path: str) -> list[str]:
     if not isinstance(record, dict) or not isinstance(record.get('prefix'), str):
       raise ValueError(f'{path} line {number} has no "prefix" string; {_PREFIX_LINE}')
     out.append(record['prefix'])
+  if not out:
+    raise ValueError(f'--prefix_file={path} holds no prefixes (it is empty or blank); '
+                     f'{_PREFIX_LINE}')
   return out
 
 
@@ -186,22 +197,14 @@ def format_table(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- models
 
-def check_settings(r, ar: str | None, pflm: str | None) -> None:
+def check_settings(config, ar: str | None, pflm: str | None) -> None:
   """Fails on protocol settings (config.reproduce) that cannot run, before anything loads."""
   if not (ar or pflm):
     raise ValueError('nothing to evaluate: pass --ar=DIR and/or --pflm=DIR.')
-  if not (ar or r.evaluator):
+  if not (ar or config.reproduce.evaluator):
     raise ValueError('without --ar there is no default evaluator: set '
                      '--config.reproduce.evaluator=DIR (a run directory with an AR model).')
-  for name in ('batch_size', 'n_per_prefix', 'prefix_tokens'):
-    if r[name] < 1:
-      raise ValueError(f'reproduce.{name}={r[name]} must be >= 1.')
-  if r.n_warmup_batches < 0 or r.max_prefixes < 0 or r.max_new_tokens < 0:
-    raise ValueError('reproduce.n_warmup_batches, max_prefixes and max_new_tokens must be >= 0.')
-  if pflm and (not r.ks or min(r.ks) < 1 or len(set(r.ks)) < len(r.ks)):
-    raise ValueError(f'reproduce.ks={tuple(r.ks)}: give distinct positive K values.')
-  if r.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f'reproduce.dtype={r.dtype!r}: expected float32 or bfloat16.')
+  config_checks.check_reproduce(config)
 
 
 def load_models(r, ar: str | None, pflm: str | None, layout, tokenizer, prompt_len: int):
@@ -334,7 +337,7 @@ def run(config, *, prefix_file: str, out: str, ar: str | None = None, pflm: str 
     raise ValueError('this config has no `reproduce` block (the protocol settings): use '
                      'configs/lm1b_ar.py or configs/owt_ar.py, or a config built on them.')
   r, log = config.reproduce, log or _timed_log()
-  check_settings(r, ar, pflm)
+  check_settings(config, ar, pflm)
   c = _context(config, prefix_file, out, log)
   layout = sharding.single_device_layout()
   ar_export, student, evaluator = load_models(r, ar, pflm, layout, c.tokenizer, c.prompt_len)

@@ -36,8 +36,13 @@ def _load_ckpt(path: str) -> dict:
 
 
 def _load_safetensors(path: str) -> dict:
+  from safetensors import SafetensorError
   from safetensors.numpy import load_file
-  return load_file(path)
+  try:
+    return load_file(path)
+  except SafetensorError as e:  # a damaged header or a truncated file
+    raise errors.ConversionError(f'{path} is not a readable .safetensors file ({e}); it may be '
+                                 'truncated or damaged: copy or download it again.') from None
 
 
 def strip_prefix(state: dict) -> dict:

