@@ -8,7 +8,7 @@ its mask_id and pad_vocab_to_multiple_of are used (override with --config.model.
 
 from absl import app, flags
 
-from kforcing_jax import cli
+from kforcing_jax import cli, config_checks
 from kforcing_jax.convert import importer
 
 _SRC = flags.DEFINE_string('src', None, "The authors' checkpoint: a Lightning .ckpt (needs "
@@ -26,6 +26,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   cli.quiet_libraries()
+  config_checks.check(cli.CONFIG.value)  # the base of DST/config.py, which later runs read
   importer.convert_checkpoint(_SRC.value, _DST.value, cli.CONFIG.value, cli.config_file(),
                               _KIND.value, _K.value)
 

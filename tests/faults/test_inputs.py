@@ -433,3 +433,14 @@ def test_convert_main_names_the_truncated_safetensors(tmp_path):
                         f'--src={src}', f'--dst={dst}')
   assert_error_line(rc, stderr, f'{src} is not a readable .safetensors file')
   assert not dst.exists()
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--k=2'], '--k is the tokens per step of a student: pass --student=K as well'),
+    (['--student=2', '--k=0'], '--k=0: a student decodes k >= 1 tokens per step'),
+    (['--student=0'], '--student=0: a stage K is >= 1'),
+])
+def test_generate_main_flag_faults(tmp_path, flags, words):
+  rc, stderr = run_main('kforcing_jax.main.generate', '--config=configs/test_tiny.py',
+                        f'--workdir={tmp_path / "run"}', *flags)
+  assert_error_line(rc, stderr, words)
