@@ -3,7 +3,9 @@
 `run(config, workdir, only_stage=None)` runs every stage of `config.distill.stages` (or one),
 each initialised from the previous stage's params (stage 1 from the AR teacher), each
 resumable, each writing its stage directory (rundir.stage_dir) with checkpoints/, params/,
-metrics.jsonl, TensorBoard events, config.json and eval.json.
+metrics.jsonl, TensorBoard events, config.json and eval.json. Checkpoints and export record the
+fingerprint of the teacher the stage was made from; a stage whose teacher has changed since is
+set aside and rebuilt, never resumed or reused (`set_aside_if_stale`).
 
 Stage targets (never from data):
   k = 1   inverse-CDF token of the AR teacher at window t for u_{t,1} (the AR decoder's token);

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from etils import epath
 from flax import traverse_util
 
@@ -185,9 +186,12 @@ def params_fingerprint(params) -> str:
   sums = _leaf_sums_jit(leaves)
   digest = hashlib.sha256(str(treedef).encode())
   for leaf, lane_sums in zip(leaves, sums):
-    # the (replicated) sums of one addressable shard: no cross-host transfer
-    host = np.asarray(lane_sums.addressable_data(0) if isinstance(lane_sums, jax.Array)
-                      else lane_sums, np.uint32)
+    # a reduction's result is normally replicated: read this host's copy, no transfer; were
+    # XLA to split the two lanes over devices, gather them from every host instead
+    if lane_sums.is_fully_replicated:
+      host = np.asarray(lane_sums.addressable_data(0), np.uint32)
+    else:
+      host = np.asarray(multihost_utils.process_allgather(lane_sums, tiled=True), np.uint32)
     digest.update(f'{tuple(leaf.shape)}{jnp.dtype(leaf.dtype).name}'.encode())
     digest.update(host.astype('<u4').tobytes())
   return digest.hexdigest()[:16]

@@ -3,6 +3,8 @@
     <workdir>/teacher/         the AR teacher: checkpoints/, params/, metrics.jsonl, eval.json,
                                config.json, TensorBoard events
     <workdir>/student_k{K}/    the distillation stage with window k = K (same files)
+    <workdir>/student_k{K}.stale-<UTC time>/   a stage set aside by distill because its teacher
+                               changed since it was made (see Provenance below; never loaded)
     <workdir>/report/          evaluate's results.json, REPORT.md and plots
     <workdir>/evaluator/       the independent AR evaluator's own run directory (its teacher/)
 
