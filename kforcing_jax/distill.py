@@ -287,18 +287,22 @@ class Teachers:
   ar: rundir.Export
 
 
-def load_teachers(config, workdir: str, layout: sharding.Layout, prev_k: int | None) -> Teachers:
+def load_teachers(config, workdir: str, layout: sharding.Layout, prev_k: int | None,
+                  tokenizer=None) -> Teachers:
+  """The frozen models of the stage after prev_k (the AR teacher's when None), checked against
+  `tokenizer` when given (rundir.load_export: a recorded tokenizer fingerprint must match)."""
   directory = rundir.teacher_dir(workdir) if prev_k is None else rundir.stage_dir(workdir, prev_k)
   if not checkpoints.has_params(rundir.params_dir(directory)):
     raise FileNotFoundError(f'stage k={2 * prev_k if prev_k else 1} needs its teacher at '
                             f'{rundir.params_dir(directory)}; run the teacher / previous stage '
                             'first (python -m kforcing_jax.main.train, or distill without '
                             '--stage).')
-  ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config)
+  ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
+                          tokenizer=tokenizer)
   if prev_k is None:
     return Teachers(ar, ar)
   teacher = rundir.load_export(rundir.stage_dir(workdir, prev_k), layout, kind='pflm',
-                               config=config)
+                               config=config, tokenizer=tokenizer)
   if teacher.k != prev_k:
     raise ValueError(f'{teacher.directory} holds a k={teacher.k} student, but stage '
                      f'k={2 * prev_k} needs the k={prev_k} stage: re-run that stage.')
@@ -345,7 +349,7 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
   """Train (or resume) stage k and export it; returns its final validation metrics."""
   dc = config.distill
   program = stage_program(config, layout, k, prev_k, steps)  # refuses bad settings up front
-  teachers = load_teachers(config, workdir, layout, prev_k)
+  teachers = load_teachers(config, workdir, layout, prev_k, tokenizer)
   student = program.model
   init = train_state.make_init_state(student, program.optimizer, program.abstract_state)
   fresh = jax.jit(student.init)

@@ -193,6 +193,14 @@ def test_a_same_size_tokenizer_with_other_content_is_refused_on_load(tiny_data_c
   assert 'use the tokenizer it was trained with' in message
 
 
+def test_distillation_refuses_a_teacher_of_another_tokenizer(tiny_data_config, tmp_path):
+  root = str(tmp_path / 'run')
+  fabricate_run(root, tokenizer=data.load_tokenizer(tiny_data_config))
+  other = swapped_tokenizer(tiny_tokenizer_path(tiny_data_config), str(tmp_path / 'bad.json'))
+  with pytest.raises(ValueError, match=r'teacher/params was trained with a different tokenizer'):
+    distill.load_teachers(tiny_data_config, root, sharding.single_device_layout(), None, other)
+
+
 def test_the_training_tokenizer_loads(tiny_data_config, tmp_path):
   ours = data.load_tokenizer(tiny_data_config)
   fabricate_run(str(tmp_path / 'run'), tokenizer=ours)
@@ -325,6 +333,18 @@ def test_evaluate_command_refuses_a_stale_stage_in_one_line(tmp_path):
       f'{made["teacher"]} != ')
   assert '--allow_stale' in lines[0]
   assert not os.path.exists(rundir.report_dir(root))
+  # --allow_stale passes the check (a warning) and goes on to load the data, absent here
+  done = subprocess.run(
+      [sys.executable, '-m', 'kforcing_jax.main.evaluate', '--config=configs/test_tiny.py',
+       f'--workdir={root}', '--allow_stale', f'--config.data.data_dir={tmp_path / "no_data"}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', KFORCING_TRACEBACK=''))
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert ('[evaluate] warning: student_k1 was distilled from a different teacher'
+          in done.stdout)
+  assert 'evaluated anyway (--allow_stale)' in done.stdout
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and 'stale' not in lines[0]
 
 
 def test_a_report_of_changed_models_is_redone(tmp_path):
