@@ -12,9 +12,9 @@ need files (the tokenizer's size, a checkpoint's k_max) are checked where those 
 Decoding temperature must be > 0: the AR teacher samples by inverse CDF of softmax(logits / T),
 which has no T = 0 limit to compute; a nearly greedy decode is a small T such as 1e-3.
 
-`parse_flags(argv)` is the flags parser of every main: the errors ml_collections raises for an
-unknown `--config.x` override or an unreadable `--config` file become one `error:` line (exit 2)
-instead of a traceback.
+`parse_flags(argv)` is the flags parser of every main (cli.run): an unknown flag, a value of the
+wrong type, an unknown or unparsable `--config.x` override and a missing or broken `--config`
+file each become one `error:` line (exit 2) instead of a traceback or absl's exit 1.
 """
 
 import math
@@ -50,7 +50,8 @@ def _is_int(value) -> bool:
 def _int_at_least(config, field: str, low: int, why: str = '') -> int:
   value = _get(config, field)
   if not _is_int(value) or value < low:
-    _fail(field, value, f'must be an integer >= {low}{why}', f'--config.{field}=<an integer >= {low}>')
+    _fail(field, value, f'must be an integer >= {low}{why}',
+          f'--config.{field}=<an integer >= {low}>')
   return value
 
 
@@ -132,8 +133,8 @@ def _optimizer(config, block: str, shards: int) -> None:
 def _data(config) -> None:
   name = config.data.name
   if name not in documents.DATASETS and name not in documents.ALIASES:
-    _fail('data.name', name, f'is not one of {tuple(sorted([*documents.DATASETS, *documents.ALIASES]))}',
-          '--config.data.name=shakespeare')
+    names = tuple(sorted([*documents.DATASETS, *documents.ALIASES]))
+    _fail('data.name', name, f'is not one of {names}', '--config.data.name=shakespeare')
   _one_of(config, 'data.tokenizer', TOKENIZERS)
   _int_at_least(config, 'data.seq_len', 2, ' (a row predicts its tokens 1..seq_len-1)')
   if config.data.tokenizer == 'bpe':
@@ -305,6 +306,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides = [a for a in argv[1:] if a.startswith('--config.')]
     _exit(f'no such config field {_one_line(e)} (overrides given: {" ".join(overrides)}). '
           'Fix: spell the field as in the config file.')
+  except (ValueError, TypeError) as e:  # an override path ml_collections cannot parse
+    if os.environ.get('KFORCING_TRACEBACK'):
+      raise
+    _exit(f'bad --config override: {_one_line(e)}. Fix: --config.<block>.<field>=<value>, '
+          'with the field spelled as in the config file.')
   except SyntaxError as e:
     _exit(f'--config={e.filename} line {e.lineno}: {e.msg}. Fix: correct the config file.')
   except OSError as e:

