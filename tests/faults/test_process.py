@@ -533,16 +533,21 @@ def test_sigterm_at_a_random_step_saves_exits_143_and_resumes_bitwise(procs, ref
 @pytest.mark.slow
 def test_a_second_concurrent_train_refuses_within_5s_and_the_first_is_undisturbed(
     procs, reference, tmp_path):
-  # the first run compiles without the shared cache: it surely still runs while the second
-  # starts, imports jax and checks the lock
+  # The first run compiles without the shared cache, so it surely still runs while the second
+  # starts; it is paused (SIGSTOP) meanwhile so that the 2-vCPU test machine times the second
+  # run's own refusal, not its competition with a compile. Pausing changes no result.
   first = procs.start('train', tmp_path, cached=False)
   lock = tmp_path / 'run.lock'
   t0 = time.time()
   while not lock.exists():
     assert first.poll() is None and time.time() - t0 < 120, first.log.read_text()[-3000:]
     time.sleep(0.01)
+  first.send_signal(signal.SIGSTOP)
   t0 = time.time()
-  rc, out = procs.finish(procs.start('train', tmp_path))
+  try:
+    rc, out = procs.finish(procs.start('train', tmp_path))
+  finally:
+    first.send_signal(signal.SIGCONT)
   elapsed = time.time() - t0
   assert rc == 3, out[-3000:]
   assert elapsed < 5, f'refused after {elapsed:.1f}s'
