@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from kforcing_jax import checkpoints, data, distributed, loop, models, progress, provenance
 from kforcing_jax import rundir, sampling, sharding, train_state
@@ -416,9 +417,11 @@ def set_aside_if_stale(directory: str, k: int) -> bool:
   unknown provenance (written before fingerprints were recorded) is kept and used as it is,
   with a warning: existing runs keep working."""
   meta = built_on(directory)
-  if meta is None:
+  origin = None if meta is None else rundir.stage_provenance(directory, meta)
+  if jax.process_count() > 1:  # every process has read the stage before process 0 moves it
+    multihost_utils.sync_global_devices(f'provenance of {directory} read')
+  if origin is None:
     return False
-  origin = rundir.stage_provenance(directory, meta)
   if origin.status == 'unknown':
     progress.log(f'[distill k={k}] warning: {origin.describe()}; using it as it is (delete '
                  f'{directory} to rebuild it)')
