@@ -54,19 +54,27 @@ SPEED_PROMPTS = 'the quality prompts tiled to the batch size, identical for ever
 
 def check_provenance(workdir: str, allow_stale: bool = False) -> None:
   """Refuses (ValueError) a student stage of `workdir` that is stale (rundir.stage_provenance:
-  distilled from a teacher or previous stage that has changed since), unless `allow_stale`,
-  which evaluates it with a warning; stages of unknown provenance (exports from before
-  fingerprints were recorded) are evaluated with a warning."""
+  distilled from a teacher or previous stage that has changed since, or from a stale stage),
+  unless `allow_stale`, which evaluates it with a warning; stages of unknown provenance
+  (exports from before fingerprints were recorded) are evaluated with a warning."""
+  stale = set()
   for k in rundir.student_stages(workdir):
     origin = rundir.stage_provenance(rundir.stage_dir(workdir, k))
-    if origin.status == 'stale' and not allow_stale:
-      raise ValueError(f'{origin.describe()}: it is stale and its results would not describe '
-                       'this run. Fix: re-run distillation (python -m kforcing_jax.main.distill '
-                       'or the pipeline), which rebuilds it, or pass --allow_stale to evaluate '
-                       'it anyway.')
-    if origin.status in ('stale', 'unknown'):
-      progress.log(f'[evaluate] warning: {origin.describe()}' + (
-          '; evaluated anyway (--allow_stale)' if origin.status == 'stale' else ''))
+    problem = None
+    if origin.status == 'stale':
+      problem = origin.describe()
+    elif origin.teacher in stale:  # current against a teacher that is itself stale
+      problem = f'{origin.stage} was distilled from {origin.teacher}, which is stale'
+    if problem is not None:
+      stale.add(origin.stage)
+      if not allow_stale:
+        raise ValueError(f'{problem}: it is stale and its results would not describe this run. '
+                         'Fix: re-run distillation (python -m kforcing_jax.main.distill or the '
+                         'pipeline), which rebuilds it, or pass --allow_stale to evaluate it '
+                         'anyway.')
+      progress.log(f'[evaluate] warning: {problem}; evaluated anyway (--allow_stale)')
+    elif origin.status == 'unknown':
+      progress.log(f'[evaluate] warning: {origin.describe()}')
 
 
 def load_decoders(config, workdir: str, layout, tokenizer) -> list[tuple]:

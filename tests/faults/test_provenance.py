@@ -318,6 +318,19 @@ def test_evaluate_refuses_a_stale_stage_and_allow_stale_accepts_it(tmp_path, cap
           in capsys.readouterr().out)
 
 
+def test_a_stage_built_on_a_stale_stage_is_stale_too(tmp_path, capsys):
+  """Teacher retrained: k=1 is stale, and k=2 (current against k=1) with it."""
+  root = str(tmp_path)
+  fabricate_run(root)
+  export(rundir.teacher_dir(root), tiny_params(seed=5), kind='ar', k=1)
+  assert rundir.stage_provenance(rundir.stage_dir(root, 2)).status == 'current'
+  evaluate.check_provenance(root, allow_stale=True)
+  out = capsys.readouterr().out
+  assert 'warning: student_k1 was distilled from a different teacher' in out
+  assert ('warning: student_k2 was distilled from student_k1, which is stale; evaluated anyway '
+          '(--allow_stale)') in out
+
+
 def test_evaluate_command_refuses_a_stale_stage_in_one_line(tmp_path):
   root = str(tmp_path)
   made = fabricate_run(root)
