@@ -391,8 +391,8 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
 
 
 def built_on(directory: str) -> dict | None:
-  """The meta of what stage `directory` holds: its export's, else its newest checkpoint's (a
-  stage stopped part-way), else None (nothing built yet)."""
+  """The meta of what stage `directory` holds: its export's, else its newest readable
+  checkpoint's (a stage stopped part-way), else None (nothing built yet)."""
   meta = rundir.export_meta(directory)
   if meta is not None:
     return meta
@@ -401,8 +401,14 @@ def built_on(directory: str) -> dict | None:
     return None
   ckpt = checkpoints.Checkpointer(str(ckpt_dir), keep=1, async_save=False)
   try:
-    step = ckpt.latest_step()
-    return None if step is None else ckpt.read_meta(step)
+    for step in reversed(ckpt.all_steps()):
+      try:
+        return ckpt.read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        # a damaged checkpoint (any orbax/OS/JSON error): every checkpoint of a stage records
+        # the same teacher, so an older one answers; the loop reports the damage itself
+        continue
+    return None
   finally:
     ckpt.close()
 

@@ -261,10 +261,17 @@ def test_a_part_trained_stage_on_an_old_teacher_is_not_resumed(tmp_path):
   made = fabricate_run(root)
   stage = rundir.stage_dir(root, 4)
   ckpt = checkpoints.Checkpointer(os.path.join(stage, 'checkpoints'), keep=2, async_save=False)
-  ckpt.save(2, {'params': tiny_params('pflm', 4)},
-            {'kind': 'pflm', 'k': 4, 'step': 2, provenance.TEACHER_KEY: 'feedfacefeedface',
-             provenance.TEACHER_DIR_KEY: 'student_k2'})
+  for step in (2, 4):
+    ckpt.save(step, {'params': tiny_params('pflm', 4)},
+              {'kind': 'pflm', 'k': 4, 'step': step, provenance.TEACHER_KEY: 'feedfacefeedface',
+               provenance.TEACHER_DIR_KEY: 'student_k2'})
   ckpt.close()
+  # the newest one's meta damaged: the older one still tells what the stage was built on
+  meta_files = glob.glob(os.path.join(stage, 'checkpoints', '4', 'meta', '*'))
+  assert meta_files
+  for path in meta_files:
+    with open(path, 'w') as f:
+      f.write('{not json')
   assert distill.built_on(stage)[provenance.TEACHER_KEY] == 'feedfacefeedface'
   assert rundir.stage_provenance(stage, distill.built_on(stage)).current == made['student_k2']
   assert distill.set_aside_if_stale(stage, 4)
