@@ -404,7 +404,7 @@ def built_on(directory: str) -> dict | None:
     for step in reversed(ckpt.all_steps()):
       try:
         return ckpt.read_meta(step)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:  # noqa: BLE001
         # a damaged checkpoint (any orbax/OS/JSON error): every checkpoint of a stage records
         # the same teacher, so an older one answers; the loop reports the damage itself
         continue
