@@ -3,8 +3,8 @@ libraries, distributed start-up and the error guard.
 
 A main under kforcing_jax/main/ is then one line over a library call:
 
-    cli.main(teacher.run)                   # parse, start up, run(config, workdir)
-    cli.main(distill.run, only_stage=lambda: _STAGE.value)   # plus a flag of its own
+    cli.main(teacher.run, lock_workdir=True)   # parse, start up, lock, run(config, workdir)
+    cli.main(distill.run, lock_workdir=True, only_stage=lambda: _STAGE.value)  # + a flag
 
 and a main whose library call is not `run(config, workdir, ...)` (convert, reproduce) wraps its
 own `main(argv)` in `cli.run`, calling `start()` first.
@@ -18,16 +18,20 @@ Exit status of every main (`run`):
     4    the loss or gradient norm became NaN/inf (loop.NonFiniteLoss): one `error:` line;
          the checkpoints hold the last finite state only
     5    a checkpoint could not be written (disk full, permissions): one `error:` line
-    143  stopped by SIGTERM (preemption, e.g. a spot VM) after saving a checkpoint at the next
-         step boundary; rerun the same command to resume exactly
+    143  stopped by SIGTERM (preemption, e.g. a spot VM): in training, after saving a
+         checkpoint at the next step boundary; elsewhere (start-up, export) at once, with
+         nothing to lose. Rerun the same command to resume exactly
     130  the same for SIGINT (Ctrl-C; a second Ctrl-C stops at once, unsaved)
 """
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -69,6 +73,9 @@ def run(main: Callable) -> None:
       return main(argv)
     except loop.Preempted as e:  # not an error: the loop logged where to resume from
       sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
+      print('interrupted', file=sys.stderr, flush=True)
+      sys.exit(128 + signal.SIGINT)
     except (FileNotFoundError, ValueError, run_lock.WorkdirLocked, loop.NonFiniteLoss,
             checkpoints.SaveFailed) as e:
       if os.environ.get('KFORCING_TRACEBACK'):
@@ -76,6 +83,11 @@ def run(main: Callable) -> None:
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(getattr(e, 'exit_code', 2))
   app.run(guarded, flags_parser=config_checks.parse_flags)
+
+
+def _exit_on_signal(signum, frame) -> None:
+  del frame
+  sys.exit(128 + signum)
 
 
 def main(run_fn: Callable, lock_workdir: bool = False, **kwargs: Callable[[], object]) -> None:
@@ -90,6 +102,12 @@ def main(run_fn: Callable, lock_workdir: bool = False, **kwargs: Callable[[], ob
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     start()  # first: the lock asks jax which process this is, which fixes the cluster
     with run_lock.hold(WORKDIR.value) if lock_workdir else contextlib.nullcontext():
+      if (lock_workdir and threading.current_thread() is threading.main_thread()
+          and jax.process_count() == 1):
+        # outside the training loop (which saves first, loop.Preempted) SIGTERM ends the run
+        # as an exception, so the lock is released on the way out (multi-host: jax's
+        # preemption notifier owns SIGTERM)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
       config_checks.check(CONFIG.value)
       run_fn(CONFIG.value, WORKDIR.value, **{name: read() for name, read in kwargs.items()})
 

@@ -145,8 +145,8 @@ class _StopRequests:
 
   Multi-host: every process must save the same step, so the decision is jax's preemption sync
   point (its coordination service catches the signal, orbax asks it); where that service is
-  not running, there are no preemption saves (a lone process's flag would hang the others at
-  the save's barrier)."""
+  disabled orbax answers False, and there are no preemption saves (a lone process's flag
+  would hang the others at the save's barrier)."""
 
   def __init__(self):
     self.signum: int | None = None
@@ -173,13 +173,9 @@ class _StopRequests:
   def requested(self, step: int, ckpt: checkpoints.Checkpointer) -> bool:
     if not self._multihost:
       return self.signum is not None
-    try:
-      if ckpt.reached_preemption(step):
-        self.signum = signal.SIGTERM
-        return True
-    except RuntimeError as e:  # no preemption service in this cluster
-      progress.log(f'warning: no preemption saves ({e})')
-      self._multihost = None  # checked once
+    if ckpt.reached_preemption(step):
+      self.signum = signal.SIGTERM
+      return True
     return False
 
 

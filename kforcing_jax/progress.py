@@ -77,7 +77,15 @@ def write_json(path: str | epath.PathLike, value: Any) -> None:
     return
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(dumps(value, indent=2) + '\n')
+  text = dumps(value, indent=2) + '\n'
+  if is_object_store(path):  # an object is replaced whole by its upload anyway
+    path.write_text(text)
+    return
+  # written aside and renamed: a process killed meanwhile leaves the old file or none, never
+  # half a file that the next run (which reads eval.json to skip work) cannot parse
+  tmp = path.parent / f'{path.name}.tmp{os.getpid()}'
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def read_json(path: str | epath.PathLike) -> Any:

@@ -531,6 +531,25 @@ def test_sigterm_at_a_random_step_saves_exits_143_and_resumes_bitwise(procs, ref
 
 
 @pytest.mark.slow
+def test_a_nan_loss_in_a_real_run_exits_4_and_exports_nothing(procs, tmp_path):
+  # a learning rate that overflows the parameters in the first updates
+  process = procs.start('train', tmp_path, '--config.train.learning_rate=1e30')
+  rc, out = procs.finish(process)
+  assert rc == 4, out[-3000:]
+  errors = [line for line in out.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and errors[0].startswith('error: [AR teacher] non-finite '), out[-3000:]
+  assert 'train.learning_rate' in errors[0] and 'Traceback' not in out
+  step = int(errors[0].split(' at step ')[1].split(';')[0])
+  assert step <= 10, errors[0]  # log_every 5, checkpoint_every 10: caught at its flush
+  directory = teacher(tmp_path)
+  assert steps_saved(directory) == []  # step 10's save comes after the check
+  assert not (directory / 'params').exists() and not (directory / 'eval.json').exists()
+  rows = train_rows(directory)  # strict JSON, the non-finite values as null
+  assert rows[-1]['step'] == step and None in rows[-1].values()
+  assert not (directory / 'run.lock').exists() and not (tmp_path / 'run.lock').exists()
+
+
+@pytest.mark.slow
 def test_a_second_concurrent_train_refuses_within_5s_and_the_first_is_undisturbed(
     procs, reference, tmp_path):
   # The first run compiles without the shared cache, so it surely still runs while the second
