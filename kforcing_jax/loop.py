@@ -112,11 +112,12 @@ def _math_keys(config: dict, meta: dict) -> dict:
 
 def config_changes(stored: dict, current: dict, meta: dict | None = None) -> list[str]:
   """'key old -> new' for each math-relevant key (see RESUME_FREE_KEYS) that differs between
-  two run records' configs."""
+  two run records' configs. A key only one of them has is skipped: it was added or removed by
+  a code change, whose default keeps the old behaviour (a run started before the change must
+  still resume)."""
   old, new = _math_keys(stored, meta or {}), _math_keys(current, meta or {})
-  show = lambda value: progress.dumps(value)  # noqa: E731 - lists as [1, 20], strings quoted
-  return [f'{key} {show(old.get(key))} -> {show(new.get(key))}'
-          for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+  return [f'{key} {progress.dumps(old[key])} -> {progress.dumps(new[key])}'
+          for key in sorted(set(old) & set(new)) if old[key] != new[key]]
 
 
 def _check_resume_config(loop: 'Loop') -> None:

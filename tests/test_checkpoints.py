@@ -42,3 +42,16 @@ def test_reexport_replaces_the_params(tmp_path):
   assert meta == {'version': 2} and float(params['w'].sum()) == 0.0
   assert checkpoints.has_params(str(tmp_path))
   assert not checkpoints.has_params(str(tmp_path / 'missing'))
+
+
+def test_keep_0_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r'keep_checkpoints must be >= 1 \(got 0\)'):
+    checkpoints.Checkpointer(str(tmp_path), keep=0)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_all_finite_looks_at_every_float_leaf():
+  finite = {'w': jnp.ones(3), 'h': jnp.ones(2, jnp.bfloat16), 'count': jnp.int32(7)}
+  assert checkpoints.all_finite(finite)
+  assert not checkpoints.all_finite(dict(finite, h=jnp.array([1.0, jnp.inf], jnp.bfloat16)))
+  assert not checkpoints.all_finite(dict(finite, w=jnp.array([0.0, jnp.nan, 1.0])))

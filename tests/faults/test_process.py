@@ -327,6 +327,13 @@ def test_a_stage_resume_is_held_to_its_own_stage_only(tmp_path):
     loop.run(toy_loop(tmp_path, 8, config_record=record(seed=1), meta=meta))
 
 
+def test_a_key_added_by_a_code_change_does_not_block_a_resume(tmp_path):
+  older = record()
+  del older['config']['model']['noise_scale']  # config.json written before the key existed
+  loop.run(toy_loop(tmp_path, 4, config_record=older))
+  assert float(loop.run(toy_loop(tmp_path, 6, config_record=record()))[0]['w']) == 21.0
+
+
 def test_a_resume_drops_the_rows_a_killed_run_wrote_after_its_checkpoint(tmp_path):
   loop.run(toy_loop(tmp_path, 4))
   with (tmp_path / 'metrics.jsonl').open('a') as f:  # steps 5, 6 and a line cut by kill -9
@@ -528,6 +535,22 @@ def test_sigterm_at_a_random_step_saves_exits_143_and_resumes_bitwise(procs, ref
   assert f'resumed from step {step}' in out
   assert train_rows(directory(tmp_path)) == train_rows(directory(reference))
   assert results(directory(tmp_path)) == results(directory(reference))
+
+
+@pytest.mark.slow
+def test_sigterm_before_training_exits_143_and_releases_the_lock(procs, tmp_path):
+  # SIGTERM while the run starts up (the loop's own saving handler is not installed yet)
+  process = procs.start('train', tmp_path)
+  t0 = time.time()
+  while not (tmp_path / 'run.lock').exists():
+    assert process.poll() is None and time.time() - t0 < 120, process.log.read_text()[-3000:]
+    time.sleep(0.01)
+  process.send_signal(signal.SIGTERM)
+  rc, out = procs.finish(process)
+  assert rc == 143 and 'Traceback' not in out, out[-3000:]
+  assert not (tmp_path / 'run.lock').exists()
+  assert not (teacher(tmp_path) / 'run.lock').exists()
+  assert steps_saved(teacher(tmp_path)) == []
 
 
 @pytest.mark.slow
