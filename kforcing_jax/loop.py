@@ -67,7 +67,8 @@ class Loop:
   # <workdir>/profile (open with TensorBoard's profile plugin or Perfetto); process 0 only
   profile_steps: int = 0
   # provenance.run_record(config): written to <workdir>/config.json at step 0 (and on resume
-  # when missing), and its config as TensorBoard hparams at step 0. None: neither.
+  # when missing), and its config as TensorBoard hparams at step 0; a resume compares its
+  # config with config.json's (config_changes). None: none of that.
   config_record: dict | None = None
 
 
@@ -296,8 +297,9 @@ def _stop_non_finite(loop: Loop, ckpt: checkpoints.Checkpointer, step: int, what
   kept = f'newest checkpoint: step {newest[-1]}' if newest else 'no checkpoint was saved'
   raise NonFiniteLoss(
       f'[{loop.name}] non-finite {what} at step {step}; stopped ({kept}, nothing non-finite '
-      f'saved). Try a lower {_config_section(loop)}.learning_rate or more warmup_steps, check '
-      'the data of that step, or model.dtype=float32 instead of bfloat16.')
+      f'saved). Check the data of that step; or try, in a fresh --workdir (a resume keeps the '
+      f'config), a lower {_config_section(loop)}.learning_rate or more warmup_steps, or '
+      'model.dtype=float32 instead of bfloat16.')
 
 
 class _Profile:

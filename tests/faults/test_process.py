@@ -160,7 +160,8 @@ def test_a_nan_loss_stops_within_one_log_interval_and_is_never_saved(tmp_path, b
   message = str(stopped.value)
   assert message.startswith(f'[toy] non-finite loss nan at step {bad_step + 1}; stopped '
                             '(newest checkpoint: step 4, nothing non-finite saved)')
-  assert 'learning_rate' in message and 'check the data' in message and 'bfloat16' in message
+  assert 'Check the data of that step' in message and 'in a fresh --workdir' in message
+  assert 'a lower train.learning_rate' in message and 'bfloat16' in message
   assert bad_step + 1 - 2 < flushed_at  # within log_every=2 steps
   assert steps_saved(tmp_path) == [2, 4] and saved_w(tmp_path, 4) == 10.0
   rows = metrics_rows(tmp_path / 'metrics.jsonl')  # strict JSON: NaN written as null
