@@ -146,23 +146,23 @@ def test_keep_checkpoints_0_is_an_error_naming_the_field(tmp_path, kind, field):
 # ----------------------------------------------------------------------------- non-finite
 
 
-def nan_at(bad_step):
-  return lambda step: jnp.float32(np.nan if step == bad_step else step + 1)
-
-
-@pytest.mark.parametrize('bad_step, flushed_at', [(4, 6), (5, 6)])
+@pytest.mark.parametrize('bad_step, last_run', [(4, 5), (5, 5)])
 def test_a_nan_loss_stops_within_one_log_interval_and_is_never_saved(tmp_path, bad_step,
-                                                                     flushed_at):
-  # bad_step 4: step 5's loss is NaN, seen at the next flush; bad_step 5: the NaN step is a
-  # checkpoint step, whose metrics are checked before the save.
+                                                                     last_run):
+  # bad_step 4: step 5's loss is NaN, seen at its flush after the next step ran; bad_step 5:
+  # step 6 is a checkpoint step, whose metrics are checked before its save.
+  seen = []
+  def batch_at(step):
+    seen.append(step)
+    return jnp.float32(np.nan if step == bad_step else step + 1)
   with pytest.raises(loop.NonFiniteLoss) as stopped:
-    loop.run(toy_loop(tmp_path, 10, batch_at=nan_at(bad_step)))
+    loop.run(toy_loop(tmp_path, 10, batch_at=batch_at))
   message = str(stopped.value)
   assert message.startswith(f'[toy] non-finite loss nan at step {bad_step + 1}; stopped '
                             '(newest checkpoint: step 4, nothing non-finite saved)')
   assert 'Check the data of that step' in message and 'in a fresh --workdir' in message
   assert 'a lower train.learning_rate' in message and 'bfloat16' in message
-  assert bad_step + 1 - 2 < flushed_at  # within log_every=2 steps
+  assert seen == list(range(last_run + 1))  # log_every is 2
   assert steps_saved(tmp_path) == [2, 4] and saved_w(tmp_path, 4) == 10.0
   rows = metrics_rows(tmp_path / 'metrics.jsonl')  # strict JSON: NaN written as null
   assert rows[-1]['step'] == bad_step + 1 and rows[-1]['loss'] is None
@@ -381,7 +381,8 @@ def test_a_signal_saves_at_the_next_step_boundary_and_resumes_exactly(tmp_path, 
     (ValueError('resuming x with a different config'), 2,
      'error: resuming x with a different config\n'),
     (loop.Preempted('preempted at step 3', 3, signal.SIGTERM), 143, ''),
-])
+    (KeyboardInterrupt(), 130, 'interrupted\n'),
+], ids=['locked', 'non_finite', 'save_failed', 'bad_input', 'preempted', 'ctrl_c'])
 def test_cli_turns_each_stop_into_its_exit_status(monkeypatch, capsys, error, code, line):
   def main(argv):
     raise error
