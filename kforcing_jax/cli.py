@@ -101,6 +101,8 @@ def main(run_fn: Callable, lock_workdir: bool = False, **kwargs: Callable[[], ob
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     start()  # first: the lock asks jax which process this is, which fixes the cluster
+    # before the lock, which creates the workdir: a refused config leaves nothing behind
+    config_checks.check(CONFIG.value)
     with run_lock.hold(WORKDIR.value) if lock_workdir else contextlib.nullcontext():
       if (lock_workdir and threading.current_thread() is threading.main_thread()
           and jax.process_count() == 1):
@@ -108,7 +110,6 @@ def main(run_fn: Callable, lock_workdir: bool = False, **kwargs: Callable[[], ob
         # as an exception, so the lock is released on the way out (multi-host: jax's
         # preemption notifier owns SIGTERM)
         signal.signal(signal.SIGTERM, _exit_on_signal)
-      config_checks.check(CONFIG.value)
       run_fn(CONFIG.value, WORKDIR.value, **{name: read() for name, read in kwargs.items()})
 
   flags.mark_flags_as_required(['config'])

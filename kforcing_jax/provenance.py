@@ -122,7 +122,7 @@ def hparams(record: dict[str, Any]) -> dict[str, bool | int | float | str]:
 PARAMS_KEY = 'params_fingerprint'
 TOKENIZER_KEY = 'tokenizer_fingerprint'
 TEACHER_KEY = 'teacher_fingerprint'
-TEACHER_DIR_KEY = 'teacher'
+TEACHER_DIR_KEY = 'teacher_directory'
 
 # two lanes of a murmur3-style mix of (bits, flat index); odd multipliers keep each step a
 # bijection of the 32-bit value
