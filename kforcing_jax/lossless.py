@@ -1,0 +1,158 @@
+"""Lossless k-token decoding: the student drafts, the AR teacher verifies with the same noise.
+
+The AR teacher's sample is a deterministic function of its uniforms: token j of row b is
+InverseCDF(p_AR(. | x_<j), u[b, j]) with u[b, j] = decode.position_uniforms(key, j)[b]. The
+student was distilled to reproduce exactly that map, so its draft can be checked token by token
+against the teacher's own choice for the same u. One iteration, for a row whose first n tokens
+are final (prompt included):
+
+  draft    student window [tokens n-k-1..n-1 | k hints for u[n..n+k-1]] -> d_0..d_{k-1}
+           (argmax of the hint slots: hint i predicts position n+i)
+  verify   teacher window [token n-1 | d_0..d_{k-1}] at positions n-1..n+k-1, one pass ->
+           own_i = InverseCDF(p_AR(. | x_<n, d_<i), u[n+i], temperature, cdf_order), i = 0..k
+  accept   a = the length of the agreeing prefix (d_i == own_i for all i < a), in 0..k; the
+           row gets d_0..d_{a-1} and then own_a (the teacher's correction, or a bonus token
+           when all k agree): a + 1 tokens, each the teacher's sample for its position's u
+           given a prefix that is the teacher's sample. So the output is the AR decoder's,
+           token for token, whatever the student does; the student only sets the speed.
+
+Rows accept different counts, so every row has its own length (kforcing_jax/ragged.py), and
+prompts of different lengths share one call. Cache invariants at the top of an iteration, row
+length n: the teacher's cache holds positions < n-1 (the verify window starts at the last final
+token; the K/V it writes for accepted drafts are exact, being computed from final tokens, and
+the rest lies beyond the next visible length); the student's cache holds positions < n-k-1
+(its window re-feeds the last k+1 final tokens, so after accepting a <= k drafts - which it
+saw only as hints - its next window still starts at or before the first token it has no K/V
+for, and rewrites the ones it had). Hence prompts need k+1 tokens.
+
+The whole generation is one lax.while_loop inside one jit per (batch, prompt width, gen_len, k)
+shape: no host round trip per step. k = 0 is the AR teacher alone on ragged prompts
+(`ragged_ar_loop`). The frequency penalty and EOS stopping of decode.py are not applied here:
+a penalty would only change the draft (the output is the teacher's either way).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import decode, ragged, sampling
+from kforcing_jax.models import FunctionalModel
+
+
+def accept_length(draft: jax.Array, own: jax.Array, offset: int = 0) -> jax.Array:
+  """(B,) number of leading draft tokens (B, k) equal to the teacher's own tokens (B, k+1).
+
+  `offset` exists only so tests can prove that a rule one position off breaks exactness
+  (tests/test_lossless.py); decoding always uses 0."""
+  k = draft.shape[1]
+  agree = jnp.cumprod((draft == own[:, :k]).astype(jnp.int32), axis=1)
+  return jnp.clip(jnp.sum(agree, axis=1) + offset, 0, k)
+
+
+def check_prompt_lengths(prompt_lens, prompt_width: int, gen_len: int, k: int) -> None:
+  """Fail before tracing on lengths a user can get wrong (host values only)."""
+  lens = np.asarray(prompt_lens)
+  if lens.ndim != 1:
+    raise ValueError(f'prompt_lens must be (batch,), got shape {lens.shape}.')
+  if gen_len <= prompt_width:
+    raise ValueError(f'gen_len={gen_len} must exceed the padded prompt width {prompt_width}.')
+  if lens.size and (lens.min() < k + 1 or lens.max() > prompt_width):
+    raise ValueError(f'prompt lengths {lens.tolist()}: each must be in [k+1, {prompt_width}] = '
+                     f'[{k + 1}, {prompt_width}] (k={k}: the student re-feeds the last k+1 '
+                     'tokens every iteration; use longer prompts or a smaller k).')
+
+
+def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalModel | None,
+                student_params, prompts, prompt_lens, key, temperature=1.0, *, gen_len: int,
+                k: int, accept_offset: int = 0) -> dict:
+  """Lossless decoding of ragged prompts (B, P), row b's first prompt_lens[b] tokens real.
+
+  Returns {'tokens': (B, gen_len), prompt included, every generated position the AR teacher's
+  shared-noise sample; 'accepted_histogram': (k+1,) how many (row, iteration) pairs accepted
+  a = 0..k drafts, rows still generating only; 'iterations': loop iterations run;
+  'mean_tokens_per_iteration': tokens a row gains per iteration, averaged over those pairs}.
+  The student decodes at tau = temperature. k = 0: no student, the AR teacher alone.
+  """
+  if k > 0 and student is None:
+    raise ValueError('k > 0 needs a student to draft; k = 0 is the AR teacher alone.')
+  if k > 0 and k > student.k_max:
+    raise ValueError(f'k={k} is larger than this student supports (k_max={student.k_max}).')
+  if k > 0 and student.cfg.cdf_order != teacher.cfg.cdf_order:
+    raise ValueError(f'the student learned cdf_order={student.cfg.cdf_order!r} but the teacher '
+                     f'samples with {teacher.cfg.cdf_order!r}: its drafts would rarely be '
+                     'accepted. Pair models of one cdf_order.')
+  if not isinstance(prompt_lens, jax.core.Tracer):
+    check_prompt_lengths(prompt_lens, prompts.shape[1], gen_len, k)
+  tb = teacher.module(teacher_params)
+  cfg = tb.cfg
+  batch, width = prompts.shape
+  # the furthest a still-generating row reads or writes: length n <= gen_len - 1 + k + 1
+  # after its last iteration, then (frozen) writes k+1 tokens from there
+  buf = gen_len + 2 * k + 1
+  prompt_lens = jnp.asarray(prompt_lens, jnp.int32)
+  tokens = jnp.full((batch, buf), cfg.mask_id, jnp.int32).at[:, :width].set(prompts)
+  temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
+  all_u = decode.position_uniforms(key, jnp.arange(buf), batch)
+  t_cache = ragged.prefill(tb, ragged.init_cache(cfg, batch, buf), prompts)
+  if k:
+    sm = student.module(student_params)
+    sb = sm.backbone
+    s_cache = ragged.prefill(sb, ragged.init_cache(sb.cfg, batch, buf), prompts)
+    # every hint of the run in one batched call: the noise of a position does not depend on
+    # the tokens, and each row reads the k hints after its own length
+    all_hints = sm.hint_states(all_u, temperature[:, None])
+  else:
+    s_cache = []
+
+  def body(state):
+    n, tokens, t_cache, s_cache, histogram, iterations = state
+    active = n < gen_len
+    last = ragged.read_rows(tokens, n - 1, 1)
+    if k:
+      s_start = n - k - 1
+      slots = jnp.concatenate([sb.embed_tokens(ragged.read_rows(tokens, s_start, k + 1)),
+                               ragged.read_rows(all_hints, n, k)], axis=1)
+      hidden, s_cache = ragged.window_pass(sb, s_cache, slots, s_start, k + 1)
+      draft = jnp.argmax(sb.logits(hidden[:, k + 1:]), axis=-1).astype(jnp.int32)
+      window = jnp.concatenate([last, draft], axis=1)
+    else:
+      draft = jnp.zeros((batch, 0), jnp.int32)
+      window = last
+    hidden, t_cache = ragged.window_pass(tb, t_cache, tb.embed_tokens(window), n - 1, k + 1)
+    own = sampling.inverse_cdf_sample(tb.logits(hidden), ragged.read_rows(all_u, n, k + 1),
+                                      temperature[:, None], cfg.cdf_order)
+    accepted = accept_length(draft, own, accept_offset)
+    slot = jnp.arange(k + 1)[None]
+    # the accepted drafts, then the teacher's own token; slots after it are overwritten later
+    emitted = jnp.where(slot < accepted[:, None], jnp.pad(draft, ((0, 0), (0, 1))), own)
+    tokens = ragged.write_rows(tokens, emitted, n)
+    histogram = histogram + jnp.sum(
+        jax.nn.one_hot(accepted, k + 1, dtype=jnp.int32) * active[:, None], axis=0)
+    n = jnp.where(active, n + accepted + 1, n)
+    return n, tokens, t_cache, s_cache, histogram, iterations + 1
+
+  def cond(state):
+    return jnp.any(state[0] < gen_len)
+
+  state = (prompt_lens, tokens, t_cache, s_cache, jnp.zeros((k + 1,), jnp.int32),
+           jnp.zeros((), jnp.int32))
+  _, tokens, _, _, histogram, iterations = jax.lax.while_loop(cond, body, state)
+  pairs = jnp.maximum(jnp.sum(histogram), 1)
+  mean_tokens = jnp.sum(histogram * (jnp.arange(k + 1) + 1)) / pairs
+  return {'tokens': tokens[:, :gen_len], 'accepted_histogram': histogram,
+          'iterations': iterations, 'mean_tokens_per_iteration': mean_tokens}
+
+
+generate_lossless = jax.jit(verify_loop, static_argnames=('teacher', 'student', 'gen_len', 'k',
+                                                          'accept_offset'))
+
+
+def ragged_ar_loop(teacher: FunctionalModel, params, prompts, prompt_lens, key,
+                   temperature=1.0, *, gen_len: int) -> jax.Array:
+  """AR shared-noise sampling of ragged prompts (B, P) -> (B, gen_len): row b is exactly what
+  decode's AR loop gives row b's prompt alone in a batch of B (same per-position noise)."""
+  return verify_loop(teacher, params, None, None, prompts, prompt_lens, key, temperature,
+                     gen_len=gen_len, k=0)['tokens']
+
+
+generate_ragged_ar = jax.jit(ragged_ar_loop, static_argnames=('teacher', 'gen_len'))
