@@ -64,7 +64,7 @@ def check_prompt_lengths(prompt_lens, prompt_width: int, gen_len: int, k: int) -
 
 def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalModel | None,
                 student_params, prompts, prompt_lens, key, temperature=1.0, *, gen_len: int,
-                k: int, accept_offset: int = 0) -> dict:
+                k: int, accept_offset: int = 0, return_drafts: bool = False) -> dict:
   """Lossless decoding of ragged prompts (B, P), row b's first prompt_lens[b] tokens real.
 
   Returns {'tokens': (B, gen_len), prompt included, every generated position the AR teacher's
@@ -72,6 +72,10 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
   a = 0..k drafts, rows still generating only; 'iterations': loop iterations run;
   'mean_tokens_per_iteration': tokens a row gains per iteration, averaged over those pairs}.
   The student decodes at tau = temperature. k = 0: no student, the AR teacher alone.
+  return_drafts (for tests of the student's cache) adds 'drafts' and 'draft_starts' (B, gen_len):
+  for each generated position j, the draft made for it in the iteration that fixed j and that
+  iteration's start n (the draft came from the student's context < n and hints n..j); -1 where
+  no draft was made (a bonus token).
   """
   if k > 0 and student is None:
     raise ValueError('k > 0 needs a student to draft; k = 0 is the AR teacher alone.')
@@ -105,7 +109,7 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
     s_cache = []
 
   def body(state):
-    n, tokens, t_cache, s_cache, histogram, iterations = state
+    n, tokens, t_cache, s_cache, histogram, iterations, drafts, draft_starts = state
     active = n < gen_len
     last = ragged.read_rows(tokens, n - 1, 1)
     if k:
@@ -126,25 +130,35 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
     # the accepted drafts, then the teacher's own token; slots after it are overwritten later
     emitted = jnp.where(slot < accepted[:, None], jnp.pad(draft, ((0, 0), (0, 1))), own)
     tokens = ragged.write_rows(tokens, emitted, n)
+    if return_drafts:
+      # a later iteration starts at most at the first unfixed position and redrafts the k
+      # after it, so what survives at j is the draft of the iteration that fixed j
+      drafts = ragged.write_rows(drafts, draft, n)
+      draft_starts = ragged.write_rows(draft_starts, jnp.broadcast_to(n[:, None], draft.shape), n)
     histogram = histogram + jnp.sum(
         jax.nn.one_hot(accepted, k + 1, dtype=jnp.int32) * active[:, None], axis=0)
     n = jnp.where(active, n + accepted + 1, n)
-    return n, tokens, t_cache, s_cache, histogram, iterations + 1
+    return n, tokens, t_cache, s_cache, histogram, iterations + 1, drafts, draft_starts
 
   def cond(state):
     return jnp.any(state[0] < gen_len)
 
+  no_drafts = jnp.full((batch, buf if return_drafts else 0), -1, jnp.int32)
   state = (prompt_lens, tokens, t_cache, s_cache, jnp.zeros((k + 1,), jnp.int32),
-           jnp.zeros((), jnp.int32))
-  _, tokens, _, _, histogram, iterations = jax.lax.while_loop(cond, body, state)
+           jnp.zeros((), jnp.int32), no_drafts, no_drafts)
+  _, tokens, _, _, histogram, iterations, drafts, draft_starts = jax.lax.while_loop(
+      cond, body, state)
   pairs = jnp.maximum(jnp.sum(histogram), 1)
   mean_tokens = jnp.sum(histogram * (jnp.arange(k + 1) + 1)) / pairs
-  return {'tokens': tokens[:, :gen_len], 'accepted_histogram': histogram,
-          'iterations': iterations, 'mean_tokens_per_iteration': mean_tokens}
+  result = {'tokens': tokens[:, :gen_len], 'accepted_histogram': histogram,
+            'iterations': iterations, 'mean_tokens_per_iteration': mean_tokens}
+  if return_drafts:
+    result.update(drafts=drafts[:, :gen_len], draft_starts=draft_starts[:, :gen_len])
+  return result
 
 
 generate_lossless = jax.jit(verify_loop, static_argnames=('teacher', 'student', 'gen_len', 'k',
-                                                          'accept_offset'))
+                                                          'accept_offset', 'return_drafts'))
 
 
 def ragged_ar_loop(teacher: FunctionalModel, params, prompts, prompt_lens, key,
