@@ -96,17 +96,32 @@ def pflm_step(backbone, cache, pending, start, hints, counts, freq_penalty: floa
   return tokens, counts, cache
 
 
+def first_argmax(x):
+  """jnp.argmax over the last axis (the first maximal index; the first NaN if any) as two plain
+  reductions, a max and a min of indices. XLA:CPU lowers argmax to a variadic (value, index)
+  reduce that it does not vectorise: at V = 8192 this form is ~3x faster (it is the AR
+  sampler's own pattern, sampling._first_in_id_order)."""
+  best = jnp.max(x, axis=-1, keepdims=True)
+  ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where((x == best) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
+
+
 def penalized_argmax(logits, counts, freq_penalty: float, active):
   """Slot-by-slot argmax(logits_j - penalty * counts), counting each emitted token.
 
   logits: (B, k, V); counts: (B, V) generated-token counts (prefix excluded); active: (B, k)
   whether slot j's token is a real output (slots past the requested length are not counted).
+  Each count is a scatter-add of one entry per row (a one-hot (B, V) add was a full
+  vocabulary pass per slot); with no penalty the counts do not change the tokens, so the
+  argmax reads the logits alone.
   """
+  no_penalty = isinstance(freq_penalty, (int, float)) and freq_penalty == 0
+  rows = jnp.arange(logits.shape[0])
   tokens = []
   for j in range(logits.shape[1]):
-    token = jnp.argmax(logits[:, j] - freq_penalty * counts, axis=-1).astype(jnp.int32)
-    counts = counts + jax.nn.one_hot(token, counts.shape[-1], dtype=counts.dtype) * active[:, j,
-                                                                                           None]
+    scores = logits[:, j] if no_penalty else logits[:, j] - freq_penalty * counts
+    token = first_argmax(scores).astype(jnp.int32)
+    counts = counts.at[rows, token].add(active[:, j].astype(counts.dtype))
     tokens.append(token)
   return jnp.stack(tokens, axis=1), counts
 
