@@ -27,7 +27,9 @@ for, and rewrites the ones it had). Hence prompts need k+1 tokens.
 
 The whole generation is one lax.while_loop inside one jit per (batch, prompt width, gen_len, k)
 shape: no host round trip per step. k = 0 is the AR teacher alone on ragged prompts
-(`ragged_ar_loop`). The frequency penalty and EOS stopping of decode.py are not applied here:
+(`ragged_ar_loop`). Adaptive k: a row proposes (lossless) or keeps (lossy,
+`adaptive_pflm_loop`, no teacher) only the leading draft slots whose top-1 minus top-2 logit
+margin reaches a threshold, so k varies per row and step. The frequency penalty and EOS stopping of decode.py are not applied here:
 a penalty would only change the draft (the output is the teacher's either way).
 """
 
@@ -62,42 +64,40 @@ def check_prompt_lengths(prompt_lens, prompt_width: int, gen_len: int, k: int) -
                      'tokens every iteration; use longer prompts or a smaller k).')
 
 
-def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalModel | None,
-                student_params, prompts, prompt_lens, key, temperature=1.0, *, gen_len: int,
-                k: int, accept_offset: int = 0, return_drafts: bool = False) -> dict:
-  """Lossless decoding of ragged prompts (B, P), row b's first prompt_lens[b] tokens real.
+def confident_prefix(slot_logits: jax.Array, threshold) -> jax.Array:
+  """(B,) how many leading draft slots (B, k, V) have a top-1 minus top-2 logit margin of at
+  least `threshold`: the student's own estimate of how far its draft can be trusted."""
+  top2 = jax.lax.top_k(slot_logits, 2)[0]
+  confident = (top2[..., 0] - top2[..., 1] >= threshold).astype(jnp.int32)
+  return jnp.sum(jnp.cumprod(confident, axis=1), axis=1)
 
-  Returns {'tokens': (B, gen_len), prompt included, every generated position the AR teacher's
-  shared-noise sample; 'accepted_histogram': (k+1,) how many (row, iteration) pairs accepted
-  a = 0..k drafts, rows still generating only; 'iterations': loop iterations run;
-  'mean_tokens_per_iteration': tokens a row gains per iteration, averaged over those pairs}.
-  The student decodes at tau = temperature. k = 0: no student, the AR teacher alone.
-  return_drafts (for tests of the student's cache) adds 'drafts' and 'draft_starts' (B, gen_len):
-  for each generated position j, the draft made for it in the iteration that fixed j and that
-  iteration's start n (the draft came from the student's context < n and hints n..j); -1 where
-  no draft was made (a bonus token).
-  """
+
+def _ragged_loop(teacher, teacher_params, student, student_params, prompts, prompt_lens, key,
+                 temperature, margin_threshold, *, gen_len: int, k: int, verify: bool,
+                 accept_offset: int, return_drafts: bool) -> dict:
+  """The one loop behind lossless (verify=True) and adaptive lossy (verify=False) decoding."""
   if k > 0 and student is None:
     raise ValueError('k > 0 needs a student to draft; k = 0 is the AR teacher alone.')
   if k > 0 and k > student.k_max:
     raise ValueError(f'k={k} is larger than this student supports (k_max={student.k_max}).')
-  if k > 0 and student.cfg.cdf_order != teacher.cfg.cdf_order:
+  if verify and k > 0 and student.cfg.cdf_order != teacher.cfg.cdf_order:
     raise ValueError(f'the student learned cdf_order={student.cfg.cdf_order!r} but the teacher '
                      f'samples with {teacher.cfg.cdf_order!r}: its drafts would rarely be '
                      'accepted. Pair models of one cdf_order.')
   if not isinstance(prompt_lens, jax.core.Tracer):
     check_prompt_lengths(prompt_lens, prompts.shape[1], gen_len, k)
-  tb = teacher.module(teacher_params)
-  cfg = tb.cfg
   batch, width = prompts.shape
   # the furthest a still-generating row reads or writes: length n <= gen_len - 1 + k + 1
   # after its last iteration, then (frozen) writes k+1 tokens from there
   buf = gen_len + 2 * k + 1
   prompt_lens = jnp.asarray(prompt_lens, jnp.int32)
-  tokens = jnp.full((batch, buf), cfg.mask_id, jnp.int32).at[:, :width].set(prompts)
   temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
   all_u = decode.position_uniforms(key, jnp.arange(buf), batch)
-  t_cache = ragged.prefill(tb, ragged.init_cache(cfg, batch, buf), prompts)
+  if verify:
+    tb = teacher.module(teacher_params)
+    t_cache = ragged.prefill(tb, ragged.init_cache(tb.cfg, batch, buf), prompts)
+  else:
+    t_cache = []
   if k:
     sm = student.module(student_params)
     sb = sm.backbone
@@ -107,6 +107,8 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
     all_hints = sm.hint_states(all_u, temperature[:, None])
   else:
     s_cache = []
+  mask_id = (tb if verify else sb).cfg.mask_id
+  tokens = jnp.full((batch, buf), mask_id, jnp.int32).at[:, :width].set(prompts)
 
   def body(state):
     n, tokens, t_cache, s_cache, histogram, iterations, drafts, draft_starts = state
@@ -117,18 +119,29 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
       slots = jnp.concatenate([sb.embed_tokens(ragged.read_rows(tokens, s_start, k + 1)),
                                ragged.read_rows(all_hints, n, k)], axis=1)
       hidden, s_cache = ragged.window_pass(sb, s_cache, slots, s_start, k + 1)
-      draft = jnp.argmax(sb.logits(hidden[:, k + 1:]), axis=-1).astype(jnp.int32)
-      window = jnp.concatenate([last, draft], axis=1)
+      slot_logits = sb.logits(hidden[:, k + 1:])
+      draft = jnp.argmax(slot_logits, axis=-1).astype(jnp.int32)
+      trusted = (jnp.full((batch,), k, jnp.int32) if margin_threshold is None
+                 else confident_prefix(slot_logits, margin_threshold))
     else:
       draft = jnp.zeros((batch, 0), jnp.int32)
-      window = last
-    hidden, t_cache = ragged.window_pass(tb, t_cache, tb.embed_tokens(window), n - 1, k + 1)
-    own = sampling.inverse_cdf_sample(tb.logits(hidden), ragged.read_rows(all_u, n, k + 1),
-                                      temperature[:, None], cfg.cdf_order)
-    accepted = accept_length(draft, own, accept_offset)
-    slot = jnp.arange(k + 1)[None]
-    # the accepted drafts, then the teacher's own token; slots after it are overwritten later
-    emitted = jnp.where(slot < accepted[:, None], jnp.pad(draft, ((0, 0), (0, 1))), own)
+    if verify:
+      window = jnp.concatenate([last, draft], axis=1)
+      hidden, t_cache = ragged.window_pass(tb, t_cache, tb.embed_tokens(window), n - 1, k + 1)
+      own = sampling.inverse_cdf_sample(tb.logits(hidden), ragged.read_rows(all_u, n, k + 1),
+                                        temperature[:, None], tb.cfg.cdf_order)
+      accepted = accept_length(draft, own, accept_offset)
+      if k:  # an untrusted slot is not proposed: the teacher's token replaces it
+        accepted = jnp.minimum(accepted, trusted)
+      slot = jnp.arange(k + 1)[None]
+      # the accepted drafts, then the teacher's own token; slots after it are overwritten later
+      emitted = jnp.where(slot < accepted[:, None], jnp.pad(draft, ((0, 0), (0, 1))), own)
+      gained = accepted + 1
+    else:
+      # lossy: keep the confident prefix, at least one token so every iteration progresses;
+      # the dropped slots are redrafted next iteration conditioned on the kept ones
+      accepted = jnp.maximum(trusted, 1)
+      emitted, gained = draft, accepted
     tokens = ragged.write_rows(tokens, emitted, n)
     if return_drafts:
       # a later iteration starts at most at the first unfixed position and redrafts the k
@@ -137,7 +150,7 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
       draft_starts = ragged.write_rows(draft_starts, jnp.broadcast_to(n[:, None], draft.shape), n)
     histogram = histogram + jnp.sum(
         jax.nn.one_hot(accepted, k + 1, dtype=jnp.int32) * active[:, None], axis=0)
-    n = jnp.where(active, n + accepted + 1, n)
+    n = jnp.where(active, n + gained, n)
     return n, tokens, t_cache, s_cache, histogram, iterations + 1, drafts, draft_starts
 
   def cond(state):
@@ -149,7 +162,8 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
   _, tokens, _, _, histogram, iterations, drafts, draft_starts = jax.lax.while_loop(
       cond, body, state)
   pairs = jnp.maximum(jnp.sum(histogram), 1)
-  mean_tokens = jnp.sum(histogram * (jnp.arange(k + 1) + 1)) / pairs
+  gains = jnp.arange(k + 1) + (1 if verify else 0)
+  mean_tokens = jnp.sum(histogram * gains) / pairs
   result = {'tokens': tokens[:, :gen_len], 'accepted_histogram': histogram,
             'iterations': iterations, 'mean_tokens_per_iteration': mean_tokens}
   if return_drafts:
@@ -157,8 +171,48 @@ def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalMod
   return result
 
 
+def verify_loop(teacher: FunctionalModel, teacher_params, student: FunctionalModel | None,
+                student_params, prompts, prompt_lens, key, temperature=1.0,
+                margin_threshold=None, *, gen_len: int, k: int, accept_offset: int = 0,
+                return_drafts: bool = False) -> dict:
+  """Lossless decoding of ragged prompts (B, P), row b's first prompt_lens[b] tokens real.
+
+  Returns {'tokens': (B, gen_len), prompt included, every generated position the AR teacher's
+  shared-noise sample; 'accepted_histogram': (k+1,) how many (row, iteration) pairs accepted
+  a = 0..k drafts, rows still generating only; 'iterations': loop iterations run;
+  'mean_tokens_per_iteration': tokens a row gains per iteration (a + 1), averaged over those
+  pairs}. The student decodes at tau = temperature. k = 0: no student, the AR teacher alone.
+  margin_threshold (adaptive k): a row proposes only its leading draft slots whose logit margin
+  reaches it (`confident_prefix`), so acceptance is capped per row and step; the output is the
+  teacher's either way. With fixed-shape buffers every iteration costs the same, so this only
+  pays where a shorter proposal is cheaper (it is the hook for that, not a speed-up here).
+  return_drafts (for tests of the student's cache) adds 'drafts' and 'draft_starts' (B, gen_len):
+  for each generated position j, the draft made for it in the iteration that fixed j and that
+  iteration's start n (the draft came from the student's context < n and hints n..j); -1 where
+  no draft was made (a bonus token).
+  """
+  return _ragged_loop(teacher, teacher_params, student, student_params, prompts, prompt_lens,
+                      key, temperature, margin_threshold, gen_len=gen_len, k=k, verify=True,
+                      accept_offset=accept_offset, return_drafts=return_drafts)
+
+
+def adaptive_pflm_loop(student: FunctionalModel, params, prompts, prompt_lens, key, tau=1.0,
+                       margin_threshold=0.0, *, gen_len: int, k: int,
+                       return_drafts: bool = False) -> dict:
+  """Lossy k-token decoding with adaptive k: each row keeps, per step, the leading draft slots
+  whose top-1 minus top-2 logit margin reaches `margin_threshold` (at least one) and redrafts
+  the rest next step. Threshold 0 keeps all k: decode.pflm_decode_loop without its frequency
+  penalty, on ragged prompts. Same outputs as `verify_loop`, with 'accepted_histogram' over
+  the kept count 1..k (bin 0 unused) and mean_tokens_per_iteration = the mean kept count."""
+  return _ragged_loop(None, None, student, params, prompts, prompt_lens, key, tau,
+                      margin_threshold, gen_len=gen_len, k=k, verify=False, accept_offset=0,
+                      return_drafts=return_drafts)
+
+
 generate_lossless = jax.jit(verify_loop, static_argnames=('teacher', 'student', 'gen_len', 'k',
                                                           'accept_offset', 'return_drafts'))
+generate_adaptive = jax.jit(adaptive_pflm_loop,
+                            static_argnames=('student', 'gen_len', 'k', 'return_drafts'))
 
 
 def ragged_ar_loop(teacher: FunctionalModel, params, prompts, prompt_lens, key,

@@ -287,3 +287,53 @@ def test_clear_errors():
   with pytest.raises(ValueError, match=r"learned cdf_order='sorted'"):
     lossless.verify_loop(teacher, t_params, models.student(tiny_config('sorted'), 4), s_params,
                          prompts, lens, jax.random.key(0), gen_len=GEN_LEN, k=2)
+
+
+# ----------------------------------------------------------------------------- adaptive k
+
+def test_adaptive_lossless_stays_exact(results):
+  """A margin threshold caps what each row proposes per step: fewer tokens per iteration, the
+  same output."""
+  r = next(r for r in results if r['k'] == 3 and r['seed'] == 1)
+  teacher, t_params, student, s_params = make_models(peaked=True)
+  out = lossless.generate_lossless(teacher, t_params, student, s_params, r['prompts'],
+                                   r['lens'], r['key'], r['temperature'], 3.0, gen_len=GEN_LEN,
+                                   k=3)
+  compared, _, unexplained = compare(np.asarray(out['tokens']), r['ref'], r['edge_distance'],
+                                     r['lens'])
+  assert unexplained == 0 and compared > 0.99 * np.sum(GEN_LEN - r['lens'])
+  assert 1.0 <= float(out['mean_tokens_per_iteration']) < r['mean_tokens'] - 0.2
+
+
+def test_adaptive_lossy_at_threshold_zero_is_fixed_k_decoding():
+  """Threshold 0 keeps every slot: decode's k-token loop (no penalty), rows of one length."""
+  _, _, student, s_params = make_models(peaked=False)
+  prompts, _ = ragged_prompts(7)
+  prompts = prompts[:, :9]
+  key = jax.random.key(7)
+  out = lossless.generate_adaptive(student, s_params, prompts, np.full(BATCH, 9), key, 1.0, 0.0,
+                                   gen_len=GEN_LEN, k=4)
+  ref = decode.generate_pflm(student, s_params, jnp.asarray(prompts), key, 1.0,
+                             gen_len=GEN_LEN, k=4)
+  np.testing.assert_array_equal(np.asarray(out['tokens']), np.asarray(ref))
+  assert float(out['mean_tokens_per_iteration']) == 4.0
+
+
+def test_adaptive_lossy_keeps_the_confident_prefix():
+  """With a threshold rows advance by different counts; every kept token is still the student's
+  own all-windows prediction at the window its step started from (ragged student cache)."""
+  _, _, student, s_params = make_models(peaked=False)
+  prompts, lens = ragged_prompts(8)
+  key = jax.random.key(8)
+  out = lossless.generate_adaptive(student, s_params, prompts, lens, key, 1.0, 0.2,
+                                   gen_len=GEN_LEN, k=4, return_drafts=True)
+  histogram = np.asarray(out['accepted_histogram'])
+  assert histogram[0] == 0 and np.count_nonzero(histogram) >= 3, histogram
+  tokens, starts = np.asarray(out['tokens']), np.asarray(out['draft_starts'])
+  positions = (np.arange(GEN_LEN)[:, None] + np.arange(1, 5)[None, :]).reshape(-1)
+  u = decode.position_uniforms(key, jnp.asarray(positions), BATCH).reshape(BATCH, GEN_LEN, 4)
+  predicted = np.asarray(student_forward_argmax(student, s_params, jnp.asarray(tokens), u,
+                                                jnp.ones((BATCH,))))
+  for b in range(BATCH):
+    for j in range(lens[b], GEN_LEN):
+      assert tokens[b, j] == predicted[b, starts[b, j] - 1, j - starts[b, j]], (b, j)
