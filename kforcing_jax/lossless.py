@@ -224,3 +224,37 @@ def ragged_ar_loop(teacher: FunctionalModel, params, prompts, prompt_lens, key,
 
 
 generate_ragged_ar = jax.jit(ragged_ar_loop, static_argnames=('teacher', 'gen_len'))
+
+
+def complete_ids(teacher: FunctionalModel, teacher_params, student: FunctionalModel,
+                 student_params, encoded: list[list[int]], key, *, gen_len: int, k: int,
+                 temperature: float = 1.0, eos_id: int | None = None):
+  """Lossless completions of token-id prompts -> (rows (gen_len,) each, mean tokens per
+  teacher pass over all prompts).
+
+  Prompt i decodes as a batch of one with the noise key fold_in(key, i), as
+  decode.decode_prompts does, so each row is token for token what the AR teacher's own decoder
+  gives that prompt (this loop does not stop at EOS: after the first generated EOS the row is
+  padded with the mask id here, as the teacher's decoder pads it). Prompts are padded to one
+  width, so they share one compiled loop."""
+  check_prompt_lengths([len(ids) for ids in encoded], max(map(len, encoded)), gen_len, k)
+  width = max(map(len, encoded))
+  runs = []
+  for i, ids in enumerate(encoded):
+    padded = np.full((1, width), teacher.cfg.mask_id, np.int32)
+    padded[0, :len(ids)] = ids
+    runs.append((len(ids), generate_lossless(
+        teacher, teacher_params, student, student_params, padded,
+        np.asarray([len(ids)], np.int32), jax.random.fold_in(key, i), temperature,
+        gen_len=gen_len, k=k)))
+  rows, histogram = [], np.zeros(k + 1, np.int64)
+  for length, out in runs:
+    row = np.asarray(out['tokens'])[0]
+    if eos_id is not None:
+      hits = np.flatnonzero(row[length:] == eos_id)
+      if hits.size:
+        row[length + hits[0] + 1:] = teacher.cfg.mask_id
+    rows.append(row)
+    histogram += np.asarray(out['accepted_histogram'])
+  mean = float(np.sum(histogram * (np.arange(k + 1) + 1)) / max(np.sum(histogram), 1))
+  return rows, mean

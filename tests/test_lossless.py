@@ -337,3 +337,18 @@ def test_adaptive_lossy_keeps_the_confident_prefix():
   for b in range(BATCH):
     for j in range(lens[b], GEN_LEN):
       assert tokens[b, j] == predicted[b, starts[b, j] - 1, j - starts[b, j]], (b, j)
+
+
+def test_complete_ids_gives_the_teachers_decode_of_each_prompt():
+  """The generate --mode=lossless path: prompt i as a batch of one with fold_in(key, i), cut
+  after EOS - what decode.decode_prompts gets from the AR teacher for the same prompt."""
+  teacher, t_params, student, s_params = make_models(peaked=True)
+  encoded = [[5, 6, 7, 8, 9], list(range(20, 31)), [40, 41, 42, 43, 44, 45, 46]]
+  key, eos = jax.random.key(9), 3
+  rows, mean = lossless.complete_ids(teacher, t_params, student, s_params, encoded, key,
+                                     gen_len=64, k=3, temperature=1.0, eos_id=eos)
+  for i, ids in enumerate(encoded):
+    ref = decode.generate_ar(teacher, t_params, jnp.asarray([ids], jnp.int32),
+                             jax.random.fold_in(key, i), 1.0, gen_len=64, eos_id=eos)
+    np.testing.assert_array_equal(rows[i], np.asarray(ref)[0])
+  assert mean > 1.5
