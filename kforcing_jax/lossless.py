@@ -29,8 +29,9 @@ The whole generation is one lax.while_loop inside one jit per (batch, prompt wid
 shape: no host round trip per step. k = 0 is the AR teacher alone on ragged prompts
 (`ragged_ar_loop`). Adaptive k: a row proposes (lossless) or keeps (lossy,
 `adaptive_pflm_loop`, no teacher) only the leading draft slots whose top-1 minus top-2 logit
-margin reaches a threshold, so k varies per row and step. The frequency penalty and EOS stopping of decode.py are not applied here:
-a penalty would only change the draft (the output is the teacher's either way).
+margin reaches a threshold, so k varies per row and step. The frequency penalty and EOS
+stopping of decode.py are not applied in the loop: a penalty would only change the draft (the
+lossless output is the teacher's either way); `complete_ids` pads after EOS on the host.
 """
 
 import jax

@@ -352,3 +352,17 @@ def test_complete_ids_gives_the_teachers_decode_of_each_prompt():
                              jax.random.fold_in(key, i), 1.0, gen_len=64, eos_id=eos)
     np.testing.assert_array_equal(rows[i], np.asarray(ref)[0])
   assert mean > 1.5
+
+
+@pytest.mark.slow
+def test_lossless_in_the_sorted_cdf_order():
+  """The verifier samples in the model's cdf_order: with 'sorted' models the output is again
+  decode's AR sample (another compile of both loops, hence slow)."""
+  teacher, t_params, student, s_params = make_models(order='sorted', peaked=True)
+  prompts, lens = ragged_prompts(4)
+  key = jax.random.key(104)
+  out = counted_lossless(teacher, t_params, student, s_params, prompts, lens, key, 1.0, k=3)
+  ref, edge_distance = ar_reference(teacher, t_params, prompts, lens, key, 1.0)
+  compared, _, unexplained = compare(np.asarray(out['tokens']), ref, edge_distance, lens)
+  assert unexplained == 0 and compared > 0.99 * np.sum(GEN_LEN - lens)
+  assert np.count_nonzero(np.asarray(out['accepted_histogram'])) >= 3
