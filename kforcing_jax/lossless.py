@@ -48,8 +48,9 @@ def accept_length(draft: jax.Array, own: jax.Array, offset: int = 0) -> jax.Arra
   `offset` exists only so tests can prove that a rule one position off breaks exactness
   (tests/test_lossless.py); decoding always uses 0."""
   k = draft.shape[1]
-  agree = jnp.cumprod((draft == own[:, :k]).astype(jnp.int32), axis=1)
-  return jnp.clip(jnp.sum(agree, axis=1) + offset, 0, k)
+  # the first disagreeing slot (k when none): a min, where a cumprod lowers to a scan
+  first_miss = jnp.min(jnp.where(draft != own[:, :k], jnp.arange(k), k), axis=1, initial=k)
+  return jnp.clip(first_miss + offset, 0, k)
 
 
 def check_prompt_lengths(prompt_lens, prompt_width: int, gen_len: int, k: int) -> None:
@@ -69,8 +70,9 @@ def confident_prefix(slot_logits: jax.Array, threshold) -> jax.Array:
   """(B,) how many leading draft slots (B, k, V) have a top-1 minus top-2 logit margin of at
   least `threshold`: the student's own estimate of how far its draft can be trusted."""
   top2 = jax.lax.top_k(slot_logits, 2)[0]
-  confident = (top2[..., 0] - top2[..., 1] >= threshold).astype(jnp.int32)
-  return jnp.sum(jnp.cumprod(confident, axis=1), axis=1)
+  k = slot_logits.shape[1]
+  unsure = top2[..., 0] - top2[..., 1] < threshold
+  return jnp.min(jnp.where(unsure, jnp.arange(k), k), axis=1, initial=k)
 
 
 def _ragged_loop(teacher, teacher_params, student, student_params, prompts, prompt_lens, key,
