@@ -436,6 +436,7 @@ def markdown(results: Results) -> str:
     lines.append(f'| {row.batch} | ' + ' | '.join(cells) + ' |')
   lines.append('| forwards / token | ' + ' | '.join(
       f'{m.throughput[0].forwards_per_token:.3f}' for m in speed) + ' |')
+  lines += step_ratio_markdown(results)
   lines += ['', '![speed-up](speedup.png)', '', '![quality](quality.png)', '']
   lines += roofline_markdown(results) + roofline_prose(results.roofline)
   lines += ['', '## Samples', '']
@@ -446,6 +447,24 @@ def markdown(results: Results) -> str:
                 '```']
     lines.append('')
   return '\n'.join(lines)
+
+
+def step_ratio_markdown(results: Results) -> list[str]:
+  """Per batch, the time of one k-token step over one AR step, measured (from the speed
+  table's median rounds: seconds / decode steps, prefill inside both) beside the roofline's
+  prediction: a k-token student beats AR while its ratio is below k."""
+  models = results.roofline.get('models', [])[1:]
+  if not models or 'measured_step_ratio_vs_ar' not in models[0]['per_batch'][0]:
+    return []  # results written before the ratio was recorded
+  lines = ['', 'Time of one decode step over one AR step (measured / roofline prediction); a '
+           'k-token student is faster than AR while its ratio is below k.', '',
+           '| batch | ' + ' | '.join(f'{m["name"]} step / AR step' for m in models) + ' |',
+           '|---|' + '---|' * len(models)]
+  for i, row in enumerate(models[0]['per_batch']):
+    cells = [f'{m["per_batch"][i]["measured_step_ratio_vs_ar"]:.2f} / '
+             f'{m["per_batch"][i]["predicted_step_ratio_vs_ar"]:.2f}' for m in models]
+    lines.append(f'| {row["batch"]} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def roofline_markdown(results: Results) -> list[str]:

@@ -275,7 +275,13 @@ def _compare(ar: dict, entry: dict, measured: dict, batch_sizes, p: float, bw: f
         'regime': regime(entry['analytic'], b, p, bw),
         'predicted_step_s': step_seconds(entry['analytic'], b, p, bw),
         'measured_step_s': rows[b]['seconds'] / entry['steps'],
-        'predicted_speedup_vs_ar': predict(b)})
+        'predicted_speedup_vs_ar': predict(b),
+        # one step of this decoder over one AR step: the number that sets the speed-up
+        # (speed-up = AR steps / steps / ratio)
+        'measured_step_ratio_vs_ar': (rows[b]['seconds'] / entry['steps']) / (
+            measured[ar['name']][b]['seconds'] / ar['steps']),
+        'predicted_step_ratio_vs_ar': (step_seconds(entry['analytic'], b, p, bw)
+                                       / step_seconds(ar['analytic'], b, p, bw))})
   speedups = [rows[b]['tokens_per_s'] / measured[ar['name']][b]['tokens_per_s']
               for b in batch_sizes]
   is_student = entry is not ar
