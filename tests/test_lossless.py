@@ -36,7 +36,7 @@ from tests.helpers import params as params_lib
 from tests.test_decode import with_noise_sensitive_hints
 
 BATCH = 6
-GEN_LEN = 224
+GEN_LEN = 200
 PROMPT_LENS = (5, 9, 13)     # >= k+1 for k <= 4; three lengths in every batch
 HEAD_SCALE = 0.1             # logits of std ~1: diverse samples
 PEAK_TOKEN, PEAK_BIAS = 1, 6.0
