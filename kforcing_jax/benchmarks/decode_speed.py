@@ -29,6 +29,18 @@ def random_export(model, layout, seed: int, backbone=None) -> rundir.Export:
 
 
 def benchmark(config, output: str, ks: list[int], repeats: int) -> dict:
+  result = measure(config, ks, repeats)
+  if progress.is_main_process():
+    progress.write_json(output, result)
+  for name, row in result['speedup_vs_ar'].items():
+    progress.log(f'{name:>9s} ' + '  '.join(f'B={b}: {s:.2f}x' for b, s in row.items()))
+  progress.log(f'-> {output}')
+  return result
+
+
+def measure(config, ks: list[int], repeats: int) -> dict:
+  """AR and k-token students of `config`'s shape with random weights, timed at
+  config.eval.batch_sizes: the result dict `benchmark` writes."""
   dc, prefix_len, gen_len = config.decode, config.decode.prefix_len, config.decode.gen_len
   layout = sharding.layout_from_config(config)
   ar = random_export(models.teacher(config), layout, 0)
@@ -48,11 +60,6 @@ def benchmark(config, output: str, ks: list[int], repeats: int) -> dict:
             'speedup_vs_ar': {name: {row['batch']: row['tokens_per_s'] / ar_rate[row['batch']]
                                      for row in rows} for name, rows in speed.items()},
             'throughput': speed}
-  if progress.is_main_process():
-    progress.write_json(output, result)
-  for name, row in result['speedup_vs_ar'].items():
-    progress.log(f'{name:>9s} ' + '  '.join(f'B={b}: {s:.2f}x' for b, s in row.items()))
-  progress.log(f'-> {output}')
   return result
 
 
