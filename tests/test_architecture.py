@@ -59,8 +59,15 @@ def docstring_nodes(tree: ast.AST) -> set[int]:
   return ids
 
 
+def argument_name_nodes(tree: ast.AST) -> set[int]:
+  """ids of the strings in `static_argnames=` / `donate_argnames=`: parameter names, not data."""
+  return {id(const) for node in ast.walk(tree) if isinstance(node, ast.keyword)
+          and node.arg in ('static_argnames', 'donate_argnames')
+          for const in ast.walk(node.value) if isinstance(const, ast.Constant)}
+
+
 def string_constants(tree: ast.AST) -> list[str]:
-  skip = docstring_nodes(tree)
+  skip = docstring_nodes(tree) | argument_name_nodes(tree)
   return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
           and isinstance(node.value, str) and id(node) not in skip]
 
