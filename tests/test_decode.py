@@ -221,3 +221,26 @@ def test_eos_pads_after_the_first_generated_eos(teacher, student_params, kind):
   assert np.all(stopped[:, 1] == eos)
   padded_rows = np.sum(np.any(stopped[:, PREFIX_LEN:] == mask_id, axis=1))
   assert padded_rows >= 2, 'not enough rows hit EOS early: the test would be vacuous'
+
+
+def test_first_argmax_equals_jnp_argmax_with_ties_and_nans():
+  x = jnp.round(jax.random.normal(jax.random.key(3), (64, 300)), 1)  # many exact ties
+  x = x.at[5, 17].set(jnp.nan).at[5, 200].set(jnp.nan).at[9].set(-jnp.inf)
+  np.testing.assert_array_equal(decode.first_argmax(x), jnp.argmax(x, axis=-1))
+
+
+def test_penalized_argmax_equals_the_one_hot_reference():
+  """The scatter-add count update and the two-reduction argmax give the same tokens and counts
+  as the plain formula: argmax(logits_j - lambda * counts), counts += one_hot * active."""
+  logits = jnp.round(jax.random.normal(jax.random.key(4), (16, 4, 50)), 1)
+  counts = jnp.floor(3 * jax.random.uniform(jax.random.key(5), (16, 50)))
+  active = jax.random.bernoulli(jax.random.key(6), 0.8, (16, 4))
+  for penalty in (0.0, 0.5):
+    ref_counts, ref_tokens = counts, []
+    for j in range(4):
+      token = jnp.argmax(logits[:, j] - penalty * ref_counts, axis=-1)
+      ref_counts = ref_counts + jax.nn.one_hot(token, 50) * active[:, j, None]
+      ref_tokens.append(token)
+    tokens, new_counts = decode.penalized_argmax(logits, counts, penalty, active)
+    np.testing.assert_array_equal(tokens, jnp.stack(ref_tokens, axis=1))
+    np.testing.assert_array_equal(new_counts, ref_counts)
