@@ -91,3 +91,18 @@ def time_batches(decode_fn, rows: np.ndarray, batch_size: int, key, n_warmup: in
     per_batch.append(took)
     outputs.append(out)
   return np.concatenate([np.asarray(o) for o in outputs]), per_batch
+
+
+def speed_table_rows(result: dict, k_name: str) -> list[dict]:
+  """The speed table of a measure_throughput result ({'throughput': {name: rows}}): one row
+  per batch with tokens/s of AR and `k_name`, speed-up, step-time ratio, forwards per token."""
+  rows = []
+  for ar, st in zip(result['throughput']['ar'], result['throughput'][k_name]):
+    rows.append({'batch': ar['batch'], 'ar_tokens_per_s': ar['tokens_per_s'],
+                 'k_tokens_per_s': st['tokens_per_s'],
+                 'speedup_vs_ar': st['tokens_per_s'] / ar['tokens_per_s'],
+                 'step_time_ratio_vs_ar': (st['seconds'] / st['decode_steps'])
+                 / (ar['seconds'] / ar['decode_steps']),
+                 'ar_forwards_per_token': ar['forwards_per_token'],
+                 'k_forwards_per_token': st['forwards_per_token']})
+  return rows

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kforcing_jax import report, roofline
+from kforcing_jax import report, roofline, timing
 from tests.test_evaluate import valid_results
 
 
@@ -58,10 +58,9 @@ def test_ratio_table_shows_measured_beside_predicted():
 
 
 def test_speed_table_rows_derive_ratio_and_speed_up_from_the_stored_timings():
-  from kforcing_jax.benchmarks import speed_table
   ar = [dict(r, forwards_per_token=1.0) for r in _rows('ar', (1.22, 3.66), 122)]
   k4 = [dict(r, forwards_per_token=31 / 122) for r in _rows('k4', (0.62, 2.48), 31)]
-  rows = speed_table.table_rows({'throughput': {'ar': ar, 'pflm_k4': k4}}, 'pflm_k4')
+  rows = timing.speed_table_rows({'throughput': {'ar': ar, 'pflm_k4': k4}}, 'pflm_k4')
   assert [r['step_time_ratio_vs_ar'] for r in rows] == pytest.approx([2.0, 80 / 30])
   assert [r['speedup_vs_ar'] for r in rows] == pytest.approx([1.22 / 0.62, 3.66 / 2.48])
   assert rows[0]['k_forwards_per_token'] == pytest.approx(31 / 122)

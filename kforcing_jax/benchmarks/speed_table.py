@@ -18,7 +18,7 @@ weights from memory - the regime of the paper's GPUs) and times it at --large_ba
 import jax
 from absl import flags
 
-from kforcing_jax import cli, decode, progress
+from kforcing_jax import cli, decode, progress, timing
 from kforcing_jax.benchmarks import decode_speed
 
 # --output and --repeats are decode_speed's flags (one definition per process)
@@ -27,20 +27,6 @@ _LARGE_D = flags.DEFINE_integer('large_d_model', 512, 'd_model of the bandwidth-
 _LARGE_LAYERS = flags.DEFINE_integer('large_layers', 8, 'Layers of the bandwidth-bound model.')
 _LARGE_BATCHES = flags.DEFINE_list('large_batch_sizes', ['1', '4', '16'],
                                    'Batch sizes timed for the bandwidth-bound model.')
-
-
-def table_rows(result: dict, k_name: str) -> list[dict]:
-  """One row per batch: tokens/s of both, speed-up, step-time ratio, forwards per token."""
-  rows = []
-  for ar, st in zip(result['throughput']['ar'], result['throughput'][k_name]):
-    rows.append({'batch': ar['batch'], 'ar_tokens_per_s': ar['tokens_per_s'],
-                 'k_tokens_per_s': st['tokens_per_s'],
-                 'speedup_vs_ar': st['tokens_per_s'] / ar['tokens_per_s'],
-                 'step_time_ratio_vs_ar': (st['seconds'] / st['decode_steps'])
-                 / (ar['seconds'] / ar['decode_steps']),
-                 'ar_forwards_per_token': ar['forwards_per_token'],
-                 'k_forwards_per_token': st['forwards_per_token']})
-  return rows
 
 
 def run(config, output: str, k: int, repeats: int, large_d: int, large_layers: int,
@@ -55,7 +41,7 @@ def run(config, output: str, k: int, repeats: int, large_d: int, large_layers: i
     result = decode_speed.measure(cfg, [k], repeats)
     out['configs'][name] = {'model': result['model'], 'gen_len': result['gen_len'],
                             'prefix_len': result['prefix_len'],
-                            'table': table_rows(result, f'pflm_k{k}'),
+                            'table': timing.speed_table_rows(result, f'pflm_k{k}'),
                             'throughput': result['throughput']}
     for row in out['configs'][name]['table']:
       progress.log(f'[speed_table] {name} B={row["batch"]}: AR {row["ar_tokens_per_s"]:.0f} '
