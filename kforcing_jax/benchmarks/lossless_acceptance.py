@@ -75,6 +75,9 @@ def measure(config, workdir: str, batch_sizes: list[int], repeats: int) -> dict:
              'mean_tokens_per_iteration': float(out['mean_tokens_per_iteration']),
              'accepted_histogram': histogram,
              'identical_to_ar': bool(np.array_equal(np.asarray(out['tokens']), ar_tokens)),
+             # rows whose tokens differ anywhere (benchmarks/lossless_mismatch says where and
+             # how close to a CDF edge the first difference is)
+             'rows_differing': int((np.asarray(out['tokens']) != ar_tokens).any(axis=1).sum()),
              'ar_steps_per_iteration': (seconds / int(out['iterations']))
                                        / (ar_seconds / (gen_len - prefix_len))}
       rows.append(row)
