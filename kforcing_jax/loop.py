@@ -256,13 +256,27 @@ def _train(loop: Loop, stop: _StopRequests, ckpt: checkpoints.Checkpointer):
       done = step + 1
       # at the last step there is nothing left to resume: finish (and export) instead
       preempted = done < loop.total_steps and stop.requested(done, ckpt)
+      # evaluate before saving: once step `done` is saved, a resume (after SIGTERM, Ctrl-C or
+      # kill -9) starts after it and never re-runs its evaluation, so its val row must exist
+      # by then to match an undisturbed run
+      if done % loop.eval_every == 0 or done == loop.total_steps:
+        if pending is not None:
+          flush(pending)
+        pending = None
+        eval_metrics = loop.evaluate(state)
+        writer.write(done, {f'val_{k}' if not k.startswith('val') else k: v
+                            for k, v in eval_metrics.items()})
+        shown = '  '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items())
+        progress.log(f'[{loop.name}] eval at step {done}: {shown}')
       if done % loop.checkpoint_every == 0 or done == loop.total_steps or preempted:
         # the step's own metrics first (the host waits for this step here, once per save):
         # a NaN step is never saved, so the newest checkpoint always holds a finite run
-        flush(pending)
+        if pending is not None:
+          flush(pending)
         pending = None
         if not checkpoints.all_finite(state):
           _stop_non_finite(loop, ckpt, done, 'parameters or optimizer state')
+        writer.flush()  # rows up to `done` on disk before the checkpoint that a resume trusts
         ckpt.save(done, state, dict(loop.meta, step=done))
       else:
         ckpt.check()  # an asynchronous save that failed stops the run now, not steps later
@@ -273,15 +287,6 @@ def _train(loop: Loop, stop: _StopRequests, ckpt: checkpoints.Checkpointer):
                    'command to resume')
         progress.log(message)
         raise Preempted(message, done, stop.signum)
-      if done % loop.eval_every == 0 or done == loop.total_steps:
-        if pending is not None:
-          flush(pending)
-        pending = None
-        eval_metrics = loop.evaluate(state)
-        writer.write(done, {f'val_{k}' if not k.startswith('val') else k: v
-                            for k, v in eval_metrics.items()})
-        shown = '  '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items())
-        progress.log(f'[{loop.name}] eval at step {done}: {shown}')
     if pending is not None:
       flush(pending)
   finally:

@@ -371,6 +371,26 @@ def test_a_signal_saves_at_the_next_step_boundary_and_resumes_exactly(tmp_path, 
           if 'loss' in row] == list(range(1, 11))  # each step once
 
 
+def test_a_signal_at_an_evaluation_step_keeps_that_steps_val_row(tmp_path):
+  # a resume starts after the saved step and never re-runs its evaluation, so the evaluation
+  # due at the preempted step must be written before the save (a CI run once lost it)
+  def rows(workdir):
+    return [{k: v for k, v in row.items() if k != 'time'}
+            for row in metrics_rows(workdir / 'metrics.jsonl')]
+
+  def batch_at(step):
+    if step == 3:  # arrives while step 4 runs: an evaluation step (eval_every 4)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return jnp.float32(step + 1)
+  with pytest.raises(loop.Preempted) as stopped:
+    loop.run(toy_loop(tmp_path / 'stopped', 10, batch_at=batch_at))
+  assert stopped.value.step == 4
+  assert rows(tmp_path / 'stopped')[-1] == {'step': 4, 'val_loss': 10.0}
+  loop.run(toy_loop(tmp_path / 'stopped', 10))
+  loop.run(toy_loop(tmp_path / 'undisturbed', 10))
+  assert rows(tmp_path / 'stopped') == rows(tmp_path / 'undisturbed')
+
+
 @pytest.mark.parametrize('error, code, line', [
     (run_lock.WorkdirLocked('runs/x is in use by another run'), 3,
      'error: runs/x is in use by another run\n'),
