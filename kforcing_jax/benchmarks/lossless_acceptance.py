@@ -14,8 +14,6 @@ Speed: the whole fixed-length generation, lossless vs AR, interleaved, best of -
 batch size (noisy on a shared machine: read the ratio, not the absolute times).
 """
 
-import time
-
 import jax
 import numpy as np
 from absl import flags
@@ -26,12 +24,6 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Result JSON (default: <workdir>/r
                               'lossless.json).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '16', '256'], 'Batch sizes to time.')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed rounds per setting; the fastest counts.')
-
-
-def _timed(fn) -> tuple[float, object]:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn())
-  return time.perf_counter() - start, out
 
 
 def measure(config, workdir: str, batch_sizes: list[int], repeats: int) -> dict:
@@ -60,14 +52,14 @@ def measure(config, workdir: str, batch_sizes: list[int], repeats: int) -> dict:
     ar = lambda: decode.generate_ar(teacher.model, teacher.params, batch_prompts, key,  # noqa
                                     temperature, gen_len=gen_len)
     ar_tokens = np.asarray(ar())  # compile
-    ar_seconds = min(_timed(ar)[0] for _ in range(repeats))
+    ar_seconds = min(timing.seconds(ar)[0] for _ in range(repeats))
     for stage, k in settings:
       student = students[stage]
       run = lambda: lossless.generate_lossless(  # noqa: E731
           teacher.model, teacher.params, student.model, student.params, batch_prompts, lens,
           key, temperature, gen_len=gen_len, k=k)
       out = jax.device_get(run())  # compile
-      seconds = min(_timed(run)[0] for _ in range(repeats))
+      seconds = min(timing.seconds(run)[0] for _ in range(repeats))
       histogram = np.asarray(out['accepted_histogram']).tolist()
       row = {'batch': batch, 'stage': stage, 'k': k, 'ar_seconds': ar_seconds,
              'lossless_seconds': seconds, 'speedup_vs_ar': ar_seconds / seconds,

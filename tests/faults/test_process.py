@@ -507,14 +507,19 @@ def with_teacher_of(reference, workdir) -> Path:
   return workdir
 
 
+def random_step_program(program: str, reference, workdir):
+  """(main, extra flags, model directory of workdir, total steps) of the teacher or the k=1
+  stage; the stage's workdir gets the reference's teacher."""
+  if program == 'teacher':
+    return 'train', (), teacher, 40
+  with_teacher_of(reference, workdir)
+  return 'distill', ('--stage=1',), stage1, 20
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('program', ['teacher', 'stage'])
 def test_kill_9_at_a_random_step_resumes_bitwise(procs, reference, tmp_path, program):
-  main, extra, directory = (('train', (), teacher) if program == 'teacher' else
-                            ('distill', ('--stage=1',), stage1))
-  if program == 'stage':
-    with_teacher_of(reference, tmp_path)
-  total = 40 if program == 'teacher' else 20
+  main, extra, directory, total = random_step_program(program, reference, tmp_path)
   target = random.randint(3, total - 6)
   process = procs.start(main, tmp_path, *extra)
   seen = wait_for_row(process, directory(tmp_path) / 'metrics.jsonl', target)
@@ -533,11 +538,7 @@ def test_kill_9_at_a_random_step_resumes_bitwise(procs, reference, tmp_path, pro
 @pytest.mark.parametrize('program', ['teacher', 'stage'])
 def test_sigterm_at_a_random_step_saves_exits_143_and_resumes_bitwise(procs, reference,
                                                                        tmp_path, program):
-  main, extra, directory = (('train', (), teacher) if program == 'teacher' else
-                            ('distill', ('--stage=1',), stage1))
-  if program == 'stage':
-    with_teacher_of(reference, tmp_path)
-  total = 40 if program == 'teacher' else 20
+  main, extra, directory, total = random_step_program(program, reference, tmp_path)
   target = random.randint(3, total - 8)
   process = procs.start(main, tmp_path, *extra)
   wait_for_row(process, directory(tmp_path) / 'metrics.jsonl', target)
