@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   # agreement metrics: id (the authors') | sorted (descending probability); sampling.py
   c.model.cdf_order = 'id'
   c.model.noise_scale = 1.0          # student noise encoder reads phi(noise_scale * u)
+  # a student's slot logits -> token: argmax (the paper's; the released checkpoints) |
+  # inverse_cdf (sample the slot's distribution with its own noise; sampling.READOUTS)
+  c.model.readout = 'argmax'
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch
@@ -97,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.decode.temperature = 1.0
   # frequency penalty lambda per decode k (METHOD.md s.3); keys are strings for ml_collections
   c.decode.freq_penalty = {'1': 0.0, '2': 0.2, '3': 0.4, '4': 0.5}
+  # how a student decodes in generate and reproduce (each has --mode to override it):
+  # lossy (its own k-token decoding) | lossless (it drafts, the AR teacher verifies with the
+  # same noise: the output is the teacher's sample; kforcing_jax/lossless.py). evaluate reports
+  # both; lossless gives its rows all eval.num_samples prompts (README "Lossless decoding")
+  c.decode.mode = 'lossy'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'test'              # held-out split the prompts come from
@@ -117,6 +125,11 @@ def base_config() -> ml_collections.ConfigDict:
   # held-out batches (distill.batch_size rows of distill.seq_len) of the agreement with the AR
   # teacher's own noise -> token map (agreement.py)
   c.eval.agreement_batches = 8
+  # lossless rows of evaluate (decode.mode lossy): quality over this many of the prompts
+  # (0 = no lossless rows), speed vs AR at these batch sizes (the speed-quality frontier is
+  # drawn at those also in eval.batch_sizes)
+  c.eval.lossless_samples = 32
+  c.eval.lossless_batch_sizes = (1, 16, 256)
   return c
 
 

@@ -33,4 +33,9 @@ def get_config():
   c.distill.checkpoint_every = 50
   c.decode.gen_len = 128
   c.eval.num_samples = 256           # completions per model (bootstrap intervals)
+  # lossless rows: each (batch, k) is a compile of its own (~8 s here) and an iteration costs
+  # ~5-10 AR steps, so the demo times batch 1 only, over 16 prompts (+~50 s; with batch 16 as
+  # well it was ~100 s)
+  c.eval.lossless_samples = 16
+  c.eval.lossless_batch_sizes = (1,)
   return c

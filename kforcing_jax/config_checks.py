@@ -30,6 +30,7 @@ from kforcing_jax.data import documents
 DTYPES = ('float32', 'bfloat16')
 TOKENIZERS = ('bpe', 'bert', 'gpt2')
 SPLITS = ('train', 'validation', 'test')
+DECODE_MODES = ('lossy', 'lossless')
 
 
 def _fail(field: str, value, rule: str, fix: str):
@@ -205,6 +206,10 @@ def _decode(config) -> None:
           'total length, prompt included)', f'--config.decode.gen_len={prefix_len + 1} or more')
   _number(config, 'decode.temperature', 0.0, strict=True)
   check_penalties(dict(config.decode.freq_penalty), 'decode.freq_penalty')
+  if _one_of(config, 'decode.mode', DECODE_MODES) == 'lossless' and prefix_len < k_max + 1:
+    _fail('decode.prefix_len', prefix_len, f'is shorter than k+1 = {k_max + 1} for the widest '
+          f'stage k={k_max} in decode.mode=lossless (the drafting student re-feeds the last k+1 '
+          'tokens every iteration)', f'--config.decode.prefix_len={k_max + 1}')
 
 
 def check_penalties(table: dict, field: str) -> None:
@@ -229,6 +234,12 @@ def _eval(config) -> None:
           '--config.eval.batch_sizes="(1, 4, 16)"')
   _int_at_least(config, 'eval.repeats', 1)
   _int_at_least(config, 'eval.agreement_batches', 0, ' (0 = off)')
+  _int_at_least(config, 'eval.lossless_samples', 0, ' (0 = no lossless rows)')
+  lossless_sizes = config.eval.lossless_batch_sizes
+  if (not isinstance(lossless_sizes, (tuple, list))
+      or not all(_is_int(b) and b >= 1 for b in lossless_sizes)):
+    _fail('eval.lossless_batch_sizes', lossless_sizes, 'must be a tuple of integers >= 1 (() = '
+          'no lossless timing)', '--config.eval.lossless_batch_sizes="(1, 16)"')
   _int_at_least(config, 'eval.evaluator.seed', 0)
   if _int_at_least(config, 'eval.evaluator.steps', 0, ' (0 = no evaluator)'):
     for field in ('d_model', 'num_layers', 'num_heads'):

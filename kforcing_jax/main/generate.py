@@ -3,9 +3,11 @@
 
 Without --student: the AR teacher, sampled at config.decode.temperature. --student=K: the
 student of distillation stage K, decoding --k tokens per step (default K) at tau = 1 with the
-frequency penalty of config.decode.freq_penalty. Stops at EOS. --mode=lossless --student=K: the
-student drafts --k tokens, the AR teacher verifies them with the same noise (kforcing_jax/
-lossless.py): the text is exactly the teacher's, and the log gives tokens per teacher pass.
+frequency penalty of config.decode.freq_penalty. Stops at EOS. --mode (default
+config.decode.mode): lossy, the student's own k-token decoding; lossless, the student drafts
+--k tokens and the AR teacher verifies them with the same noise (kforcing_jax/lossless.py): the
+text is exactly the teacher's, and the log gives tokens per teacher pass (without --student,
+lossless is the AR teacher's own sampling).
 
 Each --prompt is completed from its own length to config.decode.gen_len tokens in all (prompt
 included; a prompt of gen_len tokens or more is an error, as is one shorter than k). Prompt i
@@ -21,13 +23,15 @@ _PROMPTS = flags.DEFINE_multi_string('prompt', ['To be, or not to be'], 'Prompt 
 _STUDENT = flags.DEFINE_integer('student', None, 'Student stage K (default: the AR teacher).')
 _K = flags.DEFINE_integer('k', None, 'Tokens per step for the student (default: its K).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Noise seed.')
-_MODE = flags.DEFINE_enum('mode', 'sample', ['sample', 'lossless'],
-                          "sample: the model's own decoding; lossless: --student drafts, the "
-                          'AR teacher verifies (the output is the teacher sample).')
+_MODE = flags.DEFINE_enum('mode', None, ['lossy', 'lossless'],
+                          "Default config.decode.mode. lossy: the model's own decoding; "
+                          'lossless: --student drafts, the AR teacher verifies (the output is '
+                          'the teacher sample).')
 
 
 def generate(config, workdir: str, *, prompts: list[str], student: int | None,
-             k: int | None, seed: int, mode: str = 'sample') -> None:
+             k: int | None, seed: int, mode: str | None = None) -> None:
+  mode = mode or config.decode.mode
   if student is None and k is not None:
     raise ValueError('--k is the tokens per step of a student: pass --student=K as well.')
   if student is not None and student < 1:
@@ -35,8 +39,9 @@ def generate(config, workdir: str, *, prompts: list[str], student: int | None,
   if k is not None and k < 1:
     raise ValueError(f'--k={k}: a student decodes k >= 1 tokens per step.')
   if mode == 'lossless' and student is None:
-    raise ValueError('--mode=lossless needs a drafter: pass --student=K (the AR teacher of the '
-                     'same workdir verifies).')
+    progress.log('lossless without a drafting --student=K: the AR teacher samples alone (the '
+                 'same text)')
+    mode = 'lossy'
   layout = sharding.layout_from_config(config)
   tokenizer = data.load_tokenizer(config)
   data.check_vocab(config, tokenizer)
