@@ -34,19 +34,31 @@ Speed (timing.measure_throughput): the whole fixed-length generation (prefill in
 eos_id=None) at every config.eval.batch_sizes, all models in this process, interleaved, the
 median of config.eval.repeats rounds. Speed prompts: the quality prompts tiled to the batch
 size, the same for every model. Roofline: roofline.analyse.
+
+Lossless rows "lossless_k{k}" (report.LosslessStats), for every student stage k with k+1 <=
+prefix_len: the student drafts k tokens, the AR teacher verifies (lossless.verify_loop), so
+the samples are the teacher's. Quality over the first config.eval.lossless_samples prompts
+(all of them in decode.mode lossless; 0: no lossless rows), decoded in chunks of the largest
+eval.lossless_batch_sizes that fits (so the timing reuses the compiled loop); the AR teacher
+decodes the same chunks to count the identical rows. Speed at eval.lossless_batch_sizes, each
+lossless row interleaved with the AR teacher (a measure_throughput of its own); the timed
+runs' own outputs give the loop iterations, hence one iteration's cost in AR steps and the
+break-even acceptance (break_even_acceptance). report.frontier_points puts every setting on
+the speed-quality plane (frontier.png).
 """
 
 import dataclasses
 import json
 import math
 import time
+from typing import Callable
 
 import jax
 import numpy as np
 from etils import epath
 
-from kforcing_jax import agreement, checkpoints, data, decode, distill, metrics, progress
-from kforcing_jax import provenance, report, roofline, rundir, sharding, timing
+from kforcing_jax import agreement, checkpoints, data, decode, distill, lossless, metrics
+from kforcing_jax import progress, provenance, report, roofline, rundir, sharding, timing
 
 NUM_REPORT_SAMPLES = 3
 SPEED_PROMPTS = 'the quality prompts tiled to the batch size, identical for every model'
@@ -161,18 +173,171 @@ def describe_evaluator(evaluator: rundir.Export | None, teacher: rundir.Export) 
   return text
 
 
-def decode_samples(dec, prompts: np.ndarray, key, batch_sizes) -> np.ndarray:
-  """Decode all prompts in fixed-size chunks (the last one padded by repeating rows), of the
-  largest speed batch size that fits, so the speed runs reuse the compiled loop. Chunk s gets
-  the noise key fold_in(key, s), the same for every model."""
+def sample_chunks(prompts: np.ndarray, key, batch_sizes) -> list[tuple[np.ndarray, object]]:
+  """[(prompts chunk, noise key)]: all prompts in fixed-size chunks (the last one padded by
+  repeating rows) of the largest speed batch size that fits, so the speed runs reuse the
+  compiled loop. Chunk s gets the noise key fold_in(key, s), the same for every model."""
   num = prompts.shape[0]
   fitting = [b for b in batch_sizes if b <= num]
   chunk = max(fitting) if fitting else num
   total = math.ceil(num / chunk) * chunk
   padded = np.resize(prompts, (total, prompts.shape[1])).astype(np.int32)
-  rows = [decode.to_host(dec(padded[s:s + chunk], jax.random.fold_in(key, s)))
-          for s in range(0, total, chunk)]
-  return np.concatenate(rows, axis=0)[:num]
+  return [(padded[s:s + chunk], jax.random.fold_in(key, s)) for s in range(0, total, chunk)]
+
+
+def decode_samples(dec, prompts: np.ndarray, key, batch_sizes) -> np.ndarray:
+  """`dec`'s tokens (num, gen_len) for all prompts, decoded in sample_chunks."""
+  rows = [decode.to_host(dec(chunk, chunk_key))
+          for chunk, chunk_key in sample_chunks(prompts, key, batch_sizes)]
+  return np.concatenate(rows, axis=0)[:prompts.shape[0]]
+
+
+# ----------------------------------------------------------------------------- lossless rows
+
+@dataclasses.dataclass
+class LosslessDecoder:
+  """A student drafting k tokens for the AR teacher (lossless.generate_lossless), called like
+  a decode.Decoder: `dec(prompts, key)` -> verify_loop's output dict. The last output per
+  batch size is kept in `outputs`, so the timed runs also give their loop iterations."""
+  name: str
+  k: int
+  settings: dict
+  run: Callable = dataclasses.field(repr=False)
+  outputs: dict = dataclasses.field(default_factory=dict, repr=False)
+  kind: str = 'lossless'
+
+  def __call__(self, prompts, key):
+    out = self.run(prompts, key)
+    self.outputs[int(prompts.shape[0])] = out
+    return out
+
+
+def lossless_decoder(teacher: rundir.Export, student: rundir.Export, *, gen_len: int,
+                     temperature: float, k: int | None = None) -> LosslessDecoder:
+  """`student` drafting k (default its own k_max) tokens for `teacher`; every prompt row is
+  full length."""
+  k = student.k if k is None else int(k)
+
+  def run(prompts, key):
+    lens = np.full(prompts.shape[0], prompts.shape[1], np.int32)
+    return lossless.generate_lossless(teacher.model, teacher.params, student.model,
+                                      student.params, prompts, lens, key, temperature,
+                                      gen_len=gen_len, k=k)
+
+  return LosslessDecoder(f'lossless_k{k}', k,
+                         {'temperature': float(temperature), 'tau': float(temperature)}, run)
+
+
+def lossless_decoders(loaded, *, prefix_len: int, gen_len: int,
+                      temperature: float) -> list[LosslessDecoder]:
+  """One LosslessDecoder per student stage that can draft from the prompts (k+1 <= prefix_len:
+  the student re-feeds its last k+1 tokens) and samples the teacher's noise -> token map."""
+  teacher = loaded[0][1]
+  out = []
+  for _, export in loaded[1:]:
+    if export.k + 1 > prefix_len:
+      progress.log(f'[evaluate] no lossless row for {export.name}: it drafts from the last '
+                   f'k+1 = {export.k + 1} tokens, the prompts have {prefix_len}')
+    elif export.model.cfg.cdf_order != teacher.model.cfg.cdf_order:
+      progress.log(f'[evaluate] no lossless row for {export.name}: it learned cdf_order='
+                   f'{export.model.cfg.cdf_order!r}, the teacher samples with '
+                   f'{teacher.model.cfg.cdf_order!r}')
+    else:
+      out.append(lossless_decoder(teacher, export, gen_len=gen_len, temperature=temperature))
+  return out
+
+
+def decode_lossless(dec: LosslessDecoder, prompts: np.ndarray, key,
+                    batch_sizes) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens (num, gen_len), accepted-draft histogram (k+1,) summed over the chunks; the
+  padding rows of a last partial chunk included) of `dec` in sample_chunks."""
+  outs = [dec(chunk, chunk_key) for chunk, chunk_key in sample_chunks(prompts, key, batch_sizes)]
+  tokens = np.concatenate([np.asarray(o['tokens']) for o in outs], axis=0)[:prompts.shape[0]]
+  return tokens, np.sum([np.asarray(o['accepted_histogram']) for o in outs], axis=0)
+
+
+def mean_tokens_per_iteration(histogram) -> float:
+  """Tokens a row gains per iteration, accepted drafts a + 1, averaged over the histogram's
+  (row, iteration) pairs."""
+  histogram = np.asarray(histogram)
+  return float(np.sum(histogram * (np.arange(len(histogram)) + 1)) / max(histogram.sum(), 1))
+
+
+def break_even_acceptance(tokens_per_iteration: float, k: int) -> float | None:
+  """The per-draft acceptance rate alpha at which an iteration of k drafts gains
+  `tokens_per_iteration` tokens on average, each draft accepted with probability alpha once
+  the ones before it were: 1 + alpha + .. + alpha^k. 0 when one token (the teacher's own)
+  already reaches it; None when even k + 1 tokens (every draft accepted) do not."""
+  if tokens_per_iteration <= 1:
+    return 0.0
+  if tokens_per_iteration > k + 1:
+    return None
+  lo, hi = 0.0, 1.0
+  for _ in range(60):  # the sum increases with alpha on [0, 1]: bisection
+    mid = (lo + hi) / 2
+    if sum(mid ** i for i in range(k + 1)) < tokens_per_iteration:
+      lo = mid
+    else:
+      hi = mid
+  return (lo + hi) / 2
+
+
+def lossless_cost(row: dict, ar_row: dict, iterations: int, new_tokens: int,
+                  k: int) -> report.LosslessCost:
+  """The cost of one lossless iteration at one batch size, from measure_throughput rows (the
+  lossless row's and the AR teacher's of the same rounds) and the timed run's iterations."""
+  in_ar_steps = (row['seconds'] / iterations) / (ar_row['seconds'] / ar_row['decode_steps'])
+  return report.LosslessCost(batch=row['batch'], iterations=iterations,
+                             tokens_per_iteration=new_tokens / iterations,
+                             iteration_in_ar_steps=in_ar_steps,
+                             break_even_acceptance=break_even_acceptance(in_ar_steps, k))
+
+
+def lossless_entries(decoders: list[LosslessDecoder], ar_dec, prompts: np.ndarray, key,
+                     batch_sizes, teacher, evaluator, prefix_len: int, tokenizer) -> list[dict]:
+  """The quality entries of the lossless rows, each with 'lossless' = (samples, rows identical
+  to the AR decoder's for the same chunks, the gen. ppl of those AR samples, mean tokens per
+  iteration, histogram); its cost is added with the speed (with_lossless_speed)."""
+  if not decoders:
+    return []
+  ar_samples = _decode_logged(ar_dec, prompts, key, batch_sizes)
+  ar_ppl = metrics.pooled_perplexity(*metrics.sample_nll(teacher.model, teacher.params,
+                                                         ar_samples, prefix_len))
+  entries = []
+  for dec in decoders:
+    t0 = time.time()
+    samples, histogram = decode_lossless(dec, prompts, key, batch_sizes)
+    identical = int(np.all(samples == ar_samples, axis=1).sum())
+    entry = dict(quality(dec, teacher, samples, teacher, evaluator, prefix_len, tokenizer),
+                 acc_total=None)
+    entry['lossless'] = dict(samples=len(samples), rows_identical_to_ar=identical,
+                             ar_gen_ppl_teacher=ar_ppl,
+                             mean_tokens_per_iteration=mean_tokens_per_iteration(histogram),
+                             accepted_histogram=[int(h) for h in histogram])
+    entries.append(entry)
+    progress.log(f'[evaluate] decoded {dec.name}: {len(samples)} samples in '
+                 f'{time.time() - t0:.1f}s, {identical} rows identical to AR, '
+                 f'{entry["lossless"]["mean_tokens_per_iteration"]:.2f} tokens per iteration '
+                 f'(accepted drafts {entry["lossless"]["accepted_histogram"]})')
+    _log_quality(entry)
+  return entries
+
+
+def with_lossless_speed(entry: dict, rows: list, ar_rows: list, dec: LosslessDecoder,
+                        new_tokens: int) -> dict:
+  """A lossless quality entry with its throughput rows (speed-up against `ar_rows`, the AR
+  teacher of the same rounds; decode_steps and forwards_per_token count loop iterations) and
+  its cost per batch size (lossless_cost)."""
+  ar_by_batch = {r['batch']: r for r in ar_rows}
+  throughput, cost = [], []
+  for row in rows:
+    iterations = int(dec.outputs[row['batch']]['iterations'])
+    throughput.append(report.Throughput(**dict(
+        row, decode_steps=iterations, forwards_per_token=iterations / new_tokens,
+        speedup_vs_ar=row['tokens_per_s'] / ar_by_batch[row['batch']]['tokens_per_s'])))
+    cost.append(lossless_cost(row, ar_by_batch[row['batch']], iterations, new_tokens, dec.k))
+  stats = report.LosslessStats(**entry['lossless'], cost=cost)
+  return dict(entry, lossless=stats, throughput=throughput)
 
 
 def _interval(bounds) -> report.Interval:
@@ -291,18 +456,38 @@ def report_outdated(workdir: str) -> str | None:
   return f'{", ".join(changed)} changed since it was written' if changed else None
 
 
+def with_mode(config, mode: str | None):
+  """`config` with decode.mode = `mode` (a --mode flag), or `config` itself when None."""
+  if mode is None or mode == config.decode.mode:
+    return config
+  config = config.copy_and_resolve_references()
+  config.decode.mode = mode
+  return config
+
+
+def _mode_changed(done: report.Results, config) -> str | None:
+  then = done.config_values.get('decode', {}).get('mode', 'lossy')
+  if then != config.decode.mode:
+    return f'it was written in decode.mode {then}, this run asks for {config.decode.mode}'
+  return None
+
+
 def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=None,
-        config_name: str | None = None, allow_stale: bool = False) -> report.Results:
+        config_name: str | None = None, allow_stale: bool = False,
+        mode: str | None = None) -> report.Results:
   """Evaluate every model in `workdir` and write its report directory. Returns the results.
 
   `prompts` ((num, prefix_len) int array) and `tokenizer` default to the held-out split's
   document prefixes and the config's tokenizer (tests pass their own). `config_name`: the
   config file, for the report (the values are stored too). A stale student stage is an error
   unless `allow_stale` (check_provenance). A report whose models have changed since it was
-  written (report_outdated) is redone."""
+  written (report_outdated), or written in another decode.mode, is redone. `mode` overrides
+  config.decode.mode (lossless: the lossless rows get every prompt, not
+  eval.lossless_samples)."""
+  config = with_mode(config, mode)
   out_dir = rundir.report_dir(workdir)
   done = None if force else report.read(out_dir)
-  outdated = None if done is None else report_outdated(workdir)
+  outdated = None if done is None else (report_outdated(workdir) or _mode_changed(done, config))
   if outdated is not None:
     progress.log(f'[evaluate] the report in {out_dir} is out of date ({outdated}); '
                  're-evaluating')
@@ -340,6 +525,16 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
         samples = _decode_logged(plain, prompts, key, batch_sizes)
       entries.append(quality(plain, export, samples, teacher, evaluator, prefix_len, tokenizer))
       _log_quality(entries[-1])
+  t_lossless = time.time()
+  num_lossless = prompts.shape[0] if dc.mode == 'lossless' else min(int(ec.lossless_samples),
+                                                                     prompts.shape[0])
+  lossless_batch_sizes = [int(b) for b in ec.lossless_batch_sizes]
+  drafters = lossless_decoders(loaded, prefix_len=prefix_len, gen_len=gen_len,
+                               temperature=float(dc.temperature)) if num_lossless else []
+  entries += lossless_entries(drafters, loaded[0][0], prompts[:num_lossless], key,
+                              lossless_batch_sizes or batch_sizes, teacher, evaluator,
+                              prefix_len, tokenizer)
+  t_lossless = time.time() - t_lossless
   t0 = time.time()
   agreements, agreement_rows = measure_agreement(config, layout, loaded, tokenizer)
   for name, a in agreements.items():
@@ -350,6 +545,19 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
   decoders = [dec for dec, _ in loaded]
   speed = timing.measure_throughput(decoders, prompts, key, batch_sizes, int(ec.repeats),
                                     prefix_len, gen_len)
+  t0 = time.time()
+  lossless_speed = (timing.measure_throughput([loaded[0][0]] + drafters, prompts, key,
+                                              lossless_batch_sizes, int(ec.repeats), prefix_len,
+                                              gen_len)
+                    if drafters and lossless_batch_sizes else {})
+  by_drafter = {dec.name: dec for dec in drafters}
+  entries = [with_lossless_speed(e, lossless_speed.get(e['name'], []),
+                                 lossless_speed.get('ar', []), by_drafter[e['name']],
+                                 gen_len - prefix_len) if e['kind'] == 'lossless' else e
+             for e in entries]
+  if drafters:
+    progress.log(f'[evaluate] lossless rows: {t_lossless + time.time() - t0:.1f}s '
+                 f'(quality {t_lossless:.1f}s, speed {time.time() - t0:.1f}s)')
   rf = roofline.analyse([(dec, export.model) for dec, export in loaded], speed, batch_sizes,
                         prefix_len, gen_len, config.model.dtype)
   results = report.Results(
@@ -361,7 +569,8 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
       evaluator=describe_evaluator(evaluator, teacher),
       bootstrap_resamples=metrics.BOOTSTRAP_RESAMPLES, bootstrap_seed=metrics.BOOTSTRAP_SEED,
       agreement_rows=agreement_rows, speed_prompts=SPEED_PROMPTS,
-      models=[_with_speed(e, speed.get(e['name'], []), speed['ar']) for e in entries],
+      models=[report.ModelResult(**e) if e['kind'] == 'lossless'
+              else _with_speed(e, speed.get(e['name'], []), speed['ar']) for e in entries],
       roofline=rf,
       config_values=json.loads(config.to_json_best_effort()), seconds=time.time() - t_start)
   if progress.is_main_process():
@@ -369,5 +578,7 @@ def run(config, workdir: str, *, force: bool = False, prompts=None, tokenizer=No
     progress.write_json(epath.Path(out_dir) / MODELS_FILE, model_fingerprints(workdir))
   else:
     report.Results.from_json(results.to_json())
-  progress.log(f'[evaluate] wrote {out_dir}: results.json, REPORT.md, speedup.png, quality.png')
+  progress.log(f'[evaluate] wrote {out_dir}: results.json, REPORT.md, speedup.png, quality.png'
+               + (', frontier.png' if report.frontier_batches(report.frontier_points(results))
+                  else ''))
   return results

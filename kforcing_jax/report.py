@@ -1,14 +1,17 @@
 """Evaluation results as typed records, and what is written from them: results.json, REPORT.md
 (quality and speed tables, the roofline section, decoded samples) and the plots.
 
-results.json is `Results.to_json()` (schema_version 3); `Results.from_json` reads it back and
+results.json is `Results.to_json()` (schema_version 4); `Results.from_json` reads it back and
 is the schema check: every field present with its type (floats finite; null only where a
 field is Optional), model names "ar" / "pflm_k{k}" / "pflm_k{k}_nopen" (the same student
-decoded without the frequency penalty) matching their kind and k, unique, the AR teacher first.
+decoded without the frequency penalty) / "lossless_k{k}" (the student drafting k tokens, the
+AR teacher verifying: kind 'lossless') matching their kind and k, unique, the AR teacher first.
 Keys a reader does not know are ignored. The AR teacher is kind 'ar', k = 1.
 
 Schema 3 added the bootstrap intervals (`*_ci`), the agreement with the AR teacher's own
-noise -> token map (`agreement_vs_ar`, agreement.py), `mode_seeking` and the `_nopen` rows.
+noise -> token map (`agreement_vs_ar`, agreement.py), `mode_seeking` and the `_nopen` rows;
+schema 4 the lossless rows (`lossless`: acceptance, exactness, iteration cost) and
+frontier.png (`frontier_points`, `pareto_front`).
 """
 
 import dataclasses
@@ -23,8 +26,8 @@ from etils import epath
 
 from kforcing_jax import metrics, progress
 
-SCHEMA_VERSION = 3
-MODEL_NAME = re.compile(r'^(ar|pflm_k([1-9][0-9]*)(_nopen)?)$')
+SCHEMA_VERSION = 4
+MODEL_NAME = re.compile(r'^(ar|(pflm|lossless)_k([1-9][0-9]*)(_nopen)?)$')
 NO_PENALTY_SUFFIX = '_nopen'
 
 
@@ -78,11 +81,47 @@ class Agreement:
 
 
 @dataclasses.dataclass(frozen=True)
+class LosslessCost:
+  """A lossless row at one batch size, from the timed generation (median round) and the AR
+  teacher's interleaved with it. iterations: loop iterations of the whole batch (each one
+  student draft pass + one teacher verify pass; the slowest row sets the count);
+  tokens_per_iteration: new tokens per row / iterations; iteration_in_ar_steps: one
+  iteration's time over one AR step's (AR seconds / AR decode steps). Lossless is faster than
+  AR exactly when tokens_per_iteration exceeds iteration_in_ar_steps, so that is the break-even
+  tokens per iteration; break_even_acceptance: the per-draft acceptance rate that yields it
+  (evaluate.break_even_acceptance), 0 when one token per iteration already pays, None when
+  even k+1 tokens would not."""
+  batch: int
+  iterations: int
+  tokens_per_iteration: float
+  iteration_in_ar_steps: float
+  break_even_acceptance: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LosslessStats:
+  """What a lossless row measured beside quality: over its `samples` quality completions, the
+  rows equal token for token to the AR teacher's decode of the same prompts and noise, and the
+  gen. ppl under the teacher of those AR samples (its reference: the AR row is over all
+  prompts); the mean tokens a row gains per iteration (accepted drafts + 1) and the histogram
+  of accepted drafts a = 0..k per (row, iteration); and its cost per timed batch size."""
+  samples: int
+  rows_identical_to_ar: int
+  ar_gen_ppl_teacher: float
+  mean_tokens_per_iteration: float
+  accepted_histogram: list[int]
+  cost: list[LosslessCost]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelResult:
-  """One model's quality, speed and decode settings. k: tokens per decode step (AR: 1).
-  throughput is empty for the `_nopen` rows (not timed); agreement_vs_ar and mode_seeking are
-  None for the AR teacher, and agreement_vs_ar for a `_nopen` row (the penalty does not enter
-  the all-windows forward: it is the penalised row's)."""
+  """One model's quality, speed and decode settings. k: tokens per decode step (AR: 1;
+  lossless: draft length). throughput is empty for the `_nopen` rows (not timed), and holds
+  eval.lossless_batch_sizes for the lossless rows (speed-up against the AR teacher timed in the
+  same rounds; forwards_per_token and decode_steps count loop iterations); agreement_vs_ar and
+  mode_seeking are None for the AR teacher, and agreement_vs_ar for a `_nopen` row (the penalty
+  does not enter the all-windows forward: it is the penalised row's) and a lossless row.
+  lossless: set on the lossless rows only."""
   name: str
   kind: str
   k: int
@@ -100,17 +139,25 @@ class ModelResult:
   distinct_2_ci: Interval
   agreement_vs_ar: Agreement | None
   mode_seeking: bool | None
-  temperature: float | None = None  # AR sampling
+  temperature: float | None = None  # AR sampling (and the lossless rows' teacher)
   tau: float | None = None  # students
   freq_penalty: float | None = None
+  lossless: LosslessStats | None = None
 
   def __post_init__(self):
     match = MODEL_NAME.match(self.name)
-    expected = None if match is None else ('ar', 1) if match.group(2) is None else (
-        'pflm', int(match.group(2)))
+    expected = None
+    if match is not None and match.group(2) is None:
+      expected = ('ar', 1)
+    elif match is not None and not (match.group(2) == 'lossless' and match.group(4)):
+      expected = (match.group(2), int(match.group(3)))
     if expected != (self.kind, self.k):
       raise ValueError(f'results: model name {self.name!r} with kind={self.kind!r}, k={self.k}: '
-                       'expected "ar" (kind ar, k 1) or "pflm_k<k>[_nopen]" (kind pflm).')
+                       'expected "ar" (kind ar, k 1), "pflm_k<k>[_nopen]" (kind pflm) or '
+                       '"lossless_k<k>" (kind lossless).')
+    if (self.kind == 'lossless') != (self.lossless is not None):
+      raise ValueError(f'results: {self.name} has lossless={self.lossless!r:.40}: the lossless '
+                       'statistics belong to the lossless rows, and only to them.')
     if self.without_penalty and self.freq_penalty:
       raise ValueError(f'results: {self.name} is decoded without the frequency penalty but has '
                        f'freq_penalty={self.freq_penalty}.')
@@ -230,7 +277,8 @@ def read(report_dir: str) -> Results | None:
 
 
 def write(report_dir: str, results: Results) -> None:
-  """results.json (checked: it must read back), REPORT.md, speedup.png and quality.png."""
+  """results.json (checked: it must read back), REPORT.md, speedup.png, quality.png and
+  frontier.png (when some batch size has a speed for every setting)."""
   obj = results.to_json()
   Results.from_json(obj)
   directory = epath.Path(report_dir)
@@ -239,6 +287,10 @@ def write(report_dir: str, results: Results) -> None:
   plot(directory / 'speedup.png', functools.partial(_draw_speedup, results))
   plot(directory / 'quality.png', functools.partial(_draw_quality, results), ncols=2,
        figsize=(8, 3.5))
+  batches = frontier_batches(frontier_points(results))
+  if batches:
+    plot(directory / 'frontier.png', functools.partial(_draw_frontier, results), ncols=len(batches),
+         figsize=(5.5 * len(batches), 4.5))
 
 
 def plot(path, draw, *, ncols: int = 1, figsize=(6, 4)) -> None:
@@ -257,8 +309,122 @@ def plot(path, draw, *, ncols: int = 1, figsize=(6, 4)) -> None:
 
 
 def timed(models: list[ModelResult]) -> list[ModelResult]:
-  """The models with speed rows: the AR teacher and every student with its penalty."""
-  return [m for m in models if m.throughput]
+  """The models of the speed table: the AR teacher and every student with its penalty (the
+  lossless rows are timed at their own batch sizes: lossless_markdown)."""
+  return [m for m in models if m.throughput and m.kind != 'lossless']
+
+
+def lossless_models(models: list[ModelResult]) -> list[ModelResult]:
+  return [m for m in models if m.kind == 'lossless']
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+@dataclasses.dataclass(frozen=True)
+class FrontierPoint:
+  """One decode setting on the speed-quality plane: `name` is its model row, `speedup` its
+  tokens/s over the AR teacher's per batch size, from the row `timed_as` (a `_nopen` row is not
+  timed: it has its penalised row's speed, which does the same work plus the penalty's).
+  reference: the gen. ppl of the AR samples it is compared with: the AR row's, or for a
+  lossless row (fewer prompts) the AR decoder's samples of the same prompts."""
+  name: str
+  label: str
+  gen_ppl: float
+  gen_ppl_ci: Interval
+  speedup: dict
+  timed_as: str
+  reference: float
+
+  @property
+  def distance(self) -> float:
+    return quality_distance(self.gen_ppl, self.reference)
+
+
+def _label(m: ModelResult) -> str:
+  if m.kind == 'ar':
+    return 'AR'
+  if m.kind == 'lossless':
+    return f'k={m.k} lossless'
+  return f'k={m.k} lossy, lambda {m.freq_penalty:g}'
+
+
+def frontier_points(results: Results) -> list[FrontierPoint]:
+  """Every setting with a speed: AR, each student with its penalty and without (a `_nopen`
+  row whose penalised row has penalty 0 is the same samples and is left out), each lossless
+  row."""
+  by_name = {m.name: m for m in results.models}
+  points = []
+  for m in results.models:
+    timed_row = by_name[m.name.removesuffix(NO_PENALTY_SUFFIX)]
+    if not timed_row.throughput or (m.without_penalty and not timed_row.freq_penalty):
+      continue
+    reference = (m.lossless.ar_gen_ppl_teacher if m.lossless is not None
+                 else results.models[0].gen_ppl_teacher)
+    points.append(FrontierPoint(m.name, _label(m), m.gen_ppl_teacher, m.gen_ppl_teacher_ci,
+                                {r.batch: r.speedup_vs_ar for r in timed_row.throughput},
+                                timed_row.name, reference))
+  return points
+
+
+def frontier_batches(points: list[FrontierPoint]) -> list[int]:
+  """The batch sizes at which every point has a speed (lossless rows are timed at fewer)."""
+  if not points:
+    return []
+  return sorted(set.intersection(*(set(p.speedup) for p in points)))
+
+
+def quality_distance(gen_ppl: float, reference: float) -> float:
+  """|ln(gen_ppl / reference)|: how far a setting's gen. ppl under the teacher is from the AR
+  samples'. A lower perplexity than the AR samples' is not better quality here: it is the
+  mode-seeking failure (metrics.is_mode_seeking), so the frontier ranks by distance."""
+  return abs(math.log(gen_ppl / reference))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+  """Indices of the (speed-up, distance) pairs that no other pair dominates (as fast or faster
+  and as close or closer, strictly better in one), in increasing speed-up."""
+  front = [i for i, (speed, dist) in enumerate(points)
+           if not any(s >= speed and d <= dist and (s > speed or d < dist) for s, d in points)]
+  return sorted(front, key=lambda i: points[i][0])
+
+
+def front_at(points: list[FrontierPoint], batch: int) -> list[int]:
+  """pareto_front of `points` at one batch size, quality by each point's distance."""
+  return pareto_front([(p.speedup[batch], p.distance) for p in points])
+
+
+_FRONTIER_STYLE = {'ar': ('k', 's'), 'pflm': ('tab:blue', 'o'), 'pflm_nopen': ('tab:orange', '^'),
+                   'lossless': ('tab:green', 'D')}
+
+
+def _draw_frontier(results: Results, axes) -> None:
+  points = frontier_points(results)
+  reference = results.models[0].gen_ppl_teacher
+  kinds = {m.name: m.kind + ('_nopen' if m.without_penalty else '') for m in results.models}
+  axes = list(axes) if isinstance(axes, (list, tuple)) or hasattr(axes, 'shape') else [axes]
+  for ax, batch in zip(axes, frontier_batches(points)):
+    front = front_at(points, batch)
+    for i, p in enumerate(points):
+      color, marker = _FRONTIER_STYLE[kinds[p.name]]
+      y = p.speedup[batch]
+      ax.errorbar([p.gen_ppl], [y], xerr=[[p.gen_ppl - p.gen_ppl_ci.lo],
+                                          [p.gen_ppl_ci.hi - p.gen_ppl]],
+                  fmt=marker, color=color, capsize=2, markersize=5)
+      # neighbouring settings often sit close: stagger the labels vertically
+      ax.annotate(p.label, (p.gen_ppl, y), textcoords='offset points',
+                  xytext=(4, 4 - 9 * (i % 3)), fontsize=6)
+    ax.plot([points[i].gen_ppl for i in front], [points[i].speedup[batch] for i in front], '-',
+            color='tab:red', alpha=0.6, linewidth=1.5, label='Pareto front')
+    ax.axvline(reference, color='gray', linestyle='--', linewidth=1,
+               label='AR samples (all prompts)')
+    ax.axhline(1.0, color='black', linewidth=0.8)
+    ax.set_xscale('log')
+    ax.set_xlabel('gen. ppl under the AR teacher (log; 95% interval)')
+    ax.set_ylabel('speed-up vs AR (tokens/s, same process)')
+    ax.set_title(f'batch {batch}: front = fastest at each distance from the AR samples\' '
+                 'gen. ppl\n(lossless: fewer prompts, compared with the AR samples of the same)',
+                 fontsize=8)
+    ax.legend(fontsize=7)
 
 
 def _draw_speedup(results: Results, ax) -> None:
@@ -279,8 +445,8 @@ def _draw_speedup(results: Results, ax) -> None:
 
 def _draw_quality(results: Results, axes) -> None:
   ar = results.models[0]
-  students = [m for m in results.models[1:] if not m.without_penalty]
-  plain = [m for m in results.models[1:] if m.without_penalty]
+  students = [m for m in results.models if m.kind == 'pflm' and not m.without_penalty]
+  plain = [m for m in results.models if m.kind == 'pflm' and m.without_penalty]
   ks = [m.k for m in students]
   for ax, key, label in ((axes[0], 'gen_ppl_teacher', 'generative perplexity'),
                          (axes[1], 'entropy', 'unigram entropy (nats)')):
@@ -333,6 +499,8 @@ def mode_seeking_prose(models: list[ModelResult]) -> list[str]:
   ar = models[0]
   lines = []
   for m in models[1:]:
+    if m.kind == 'lossless':
+      continue  # in the lossless section's table
     verdict = ('**is mode-seeking**' if m.mode_seeking else 'is not mode-seeking')
     lines.append(f'- {m.name} {verdict}: gen. ppl (teacher) '
                  f'{m.gen_ppl_teacher / ar.gen_ppl_teacher:.2f}x the AR samples\', entropy '
@@ -406,6 +574,8 @@ def markdown(results: Results) -> str:
       '|---|---|---|---|---|---|---|---|---|---|---|']
   by_name = {m.name: m for m in models}
   for m in models:
+    if m.kind == 'lossless':
+      continue  # fewer samples: the lossless section
     # a _nopen row is the penalised row's student: the all-windows forward has no penalty
     agreement = by_name[m.name.removesuffix(NO_PENALTY_SUFFIX)].agreement_vs_ar
     lines.append(
@@ -438,6 +608,7 @@ def markdown(results: Results) -> str:
       f'{m.throughput[0].forwards_per_token:.3f}' for m in speed) + ' |')
   lines += step_ratio_markdown(results)
   lines += ['', '![speed-up](speedup.png)', '', '![quality](quality.png)', '']
+  lines += lossless_markdown(results) + frontier_markdown(results)
   lines += roofline_markdown(results) + roofline_prose(results.roofline)
   lines += ['', '## Samples', '']
   for m in models:
@@ -447,6 +618,90 @@ def markdown(results: Results) -> str:
                 '```']
     lines.append('')
   return '\n'.join(lines)
+
+
+def lossless_markdown(results: Results) -> list[str]:
+  """The lossless rows: quality beside the AR row, acceptance, exactness; speed and the
+  break-even per timed batch size."""
+  rows = lossless_models(results.models)
+  if not rows:
+    return []
+  ar = results.models[0]
+  lines = [
+      '## Lossless decoding', '',
+      'Each student drafts k tokens from the noises of their positions; the AR teacher scores '
+      'the draft in one pass, recomputes its own inverse-CDF token for each position\'s noise, '
+      'keeps the agreeing prefix and emits its own token at the first mismatch (or a bonus '
+      'token after k agreements): the output is the AR teacher\'s own sample for the same '
+      f'noise (kforcing_jax/lossless.py). Quality over the first {rows[0].lossless.samples} '
+      f'prompts (the AR row: all {results.num_samples}); identical rows: equal token for token '
+      'to the AR decoder on the same prompts, batches and noise keys.', '',
+      '| model | samples | rows identical to AR | gen. ppl (teacher) | AR samples\' gen. ppl, '
+      'same prompts | gen. ppl (evaluator) | entropy | distinct-2 | mode-seeking | tokens per '
+      'iteration | accepted drafts a = 0..k |',
+      '|---|---|---|---|---|---|---|---|---|---|---|',
+      f'| ar | {results.num_samples} | - | '
+      f'{_with_ci(ar.gen_ppl_teacher, ar.gen_ppl_teacher_ci, ".1f")} | - | '
+      f'{_with_ci(ar.gen_ppl_evaluator, ar.gen_ppl_evaluator_ci, ".1f")} | '
+      f'{_with_ci(ar.entropy, ar.entropy_ci, ".3f")} | '
+      f'{_with_ci(ar.distinct_2, ar.distinct_2_ci, ".3f")} | - | 1 | - |']
+  for m in rows:
+    s = m.lossless
+    lines.append(
+        f'| {m.name} | {s.samples} | {s.rows_identical_to_ar} / {s.samples} | '
+        f'{_with_ci(m.gen_ppl_teacher, m.gen_ppl_teacher_ci, ".1f")} | '
+        f'{s.ar_gen_ppl_teacher:.1f} | '
+        f'{_with_ci(m.gen_ppl_evaluator, m.gen_ppl_evaluator_ci, ".1f")} | '
+        f'{_with_ci(m.entropy, m.entropy_ci, ".3f")} | '
+        f'{_with_ci(m.distinct_2, m.distinct_2_ci, ".3f")} | {_yes_no(m.mode_seeking)} | '
+        f'{s.mean_tokens_per_iteration:.2f} | {" / ".join(map(str, s.accepted_histogram))} |')
+  lines += ['', 'Tokens per iteration: accepted drafts + 1, averaged over (row, iteration) '
+            'pairs of rows still generating.', '']
+  if not any(m.throughput for m in rows):
+    return lines
+  lines += [
+      f'Speed (median of {results.repeats} rounds, each lossless row interleaved with the AR '
+      'teacher in the same rounds). One iteration = one student draft pass + one teacher '
+      'verify pass; its cost in AR steps is the break-even: lossless is faster than AR exactly '
+      'when a row gains more tokens per iteration than that. Break-even acceptance: the '
+      'per-draft acceptance rate alpha with 1 + alpha + .. + alpha^k = that many tokens (none: '
+      'more than k + 1 tokens, out of reach).', '',
+      '| batch | model | AR tok/s | lossless tok/s | speed-up | iterations | tokens / iteration '
+      '| one iteration in AR steps = break-even tokens / iteration | break-even acceptance |',
+      '|---|---|---|---|---|---|---|---|---|']
+  for m in rows:
+    for r, c in zip(m.throughput, m.lossless.cost):
+      lines.append(f'| {r.batch} | {m.name} | {r.tokens_per_s / r.speedup_vs_ar:.0f} | '
+                   f'{r.tokens_per_s:.0f} | {r.speedup_vs_ar:.2f}x | {c.iterations} | '
+                   f'{c.tokens_per_iteration:.2f} | {c.iteration_in_ar_steps:.2f} | '
+                   f'{_fmt(c.break_even_acceptance, ".3f")} |')
+  return lines + ['']
+
+
+def frontier_markdown(results: Results) -> list[str]:
+  """The frontier table: every setting's gen. ppl and speed-up, Pareto-front members marked."""
+  points = frontier_points(results)
+  batches = frontier_batches(points)
+  if not batches:
+    return []
+  fronts = {b: set(front_at(points, b)) for b in batches}
+  lines = [
+      '## Speed-quality frontier', '',
+      'One point per decode setting; speed-up: tokens/s over the AR teacher\'s in the same '
+      'rounds (a student without penalty is not timed: it has its penalised row\'s speed, an '
+      'upper bound on its time). Quality: gen. ppl under the teacher, ranked by its distance '
+      'from the AR samples\' |ln(ppl / ppl_AR)| (lower perplexity than the AR samples is '
+      'mode-seeking, not better); a lossless row is compared with the AR decoder\'s samples '
+      'of its own (fewer) prompts. * = on the Pareto front at that batch size (no setting is as '
+      'fast and as close, and better in one). Plot: frontier.png.', '',
+      '| setting | row | gen. ppl (teacher) | AR reference | distance | '
+      + ' | '.join(f'speed-up B={b}' for b in batches) + ' |',
+      '|---|---|---|---|---|' + '---|' * len(batches)]
+  for i, p in enumerate(points):
+    cells = [f'{p.speedup[b]:.2f}x' + (' *' if i in fronts[b] else '') for b in batches]
+    lines.append(f'| {p.label} | {p.name} | {_with_ci(p.gen_ppl, p.gen_ppl_ci, ".1f")} | '
+                 f'{p.reference:.1f} | {p.distance:.3f} | ' + ' | '.join(cells) + ' |')
+  return lines + ['', '![frontier](frontier.png)', '']
 
 
 def step_ratio_markdown(results: Results) -> list[str]:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import checkpoints, data, evaluate, metrics, models, report, roofline, rundir
-from kforcing_jax import sharding, timing
+from kforcing_jax import checkpoints, config_checks, data, evaluate, metrics, models, report
+from kforcing_jax import roofline, rundir, sharding, timing
 from tests.helpers import params as params_lib
 
 
@@ -36,6 +36,8 @@ def tiny_config(config=None, **eval_overrides):
   config.eval.batch_sizes = (1, 2)
   config.eval.repeats = 1
   config.eval.agreement_batches = 2
+  config.eval.lossless_samples = 2
+  config.eval.lossless_batch_sizes = (1, 2)
   for key, value in eval_overrides.items():
     config.eval[key] = value
   return config
@@ -103,7 +105,7 @@ def valid_results():
         'gen_ppl_teacher_ci': {'lo': 9.0, 'hi': 11.5}, 'gen_ppl_evaluator_ci': None,
         'entropy_ci': {'lo': 2.9, 'hi': 3.1}, 'distinct_2_ci': {'lo': 0.85, 'hi': 0.95},
         'agreement_vs_ar': None, 'mode_seeking': None,
-        'temperature': 1.0, 'tau': None, 'freq_penalty': None}
+        'temperature': 1.0, 'tau': None, 'freq_penalty': None, 'lossless': None}
   bins = [{'lo': 0.0, 'hi': 1.0, 'windows': 30, 'agreement_1': 0.9, 'acc_total': 0.8,
            'mode_reference': 0.85},
           {'lo': 1.0, 'hi': None, 'windows': 0, 'agreement_1': None, 'acc_total': None,
@@ -117,7 +119,7 @@ def valid_results():
                                   decode_steps=6)])
   plain = dict(student, name='pflm_k2_nopen', freq_penalty=0.0, throughput=[],
                agreement_vs_ar=None, mode_seeking=False)
-  return {'schema_version': 3, 'device': 'cpu', 'jax_version': jax.__version__,
+  return {'schema_version': 4, 'device': 'cpu', 'jax_version': jax.__version__,
           'config': 'x.py', 'prefix_len': 6, 'gen_len': 128, 'eval_split': 'validation',
           'num_samples': 2, 'batch_sizes': [1], 'repeats': 1, 'seed': 0,
           'evaluator_workdir': None, 'evaluator': None, 'bootstrap_resamples': 1000,
@@ -160,7 +162,7 @@ def test_results_round_trip_through_json():
     (lambda r: r['models'].reverse(), 'first model'),
     (lambda r: r.__setitem__('models', []), 'empty'),
     (lambda r: r['models'][0]['throughput'].__setitem__(0, [1, 2]), 'object'),
-    (lambda r: r.__setitem__('schema_version', 2), 'schema_version'),
+    (lambda r: r.__setitem__('schema_version', 3), 'schema_version'),
     (lambda r: r['models'][1].pop('entropy_ci'), 'missing keys'),
     (lambda r: r['models'][1].__setitem__('gen_ppl_teacher_ci', None), 'gen_ppl_teacher_ci'),
     (lambda r: r['models'][1].__setitem__('mode_seeking', 1), 'mode_seeking should be bool'),
@@ -181,7 +183,7 @@ def test_results_reject_wrong_schema(mutate, message):
 
 def test_results_of_an_older_schema_are_evaluated_again(tmp_path):
   old = valid_results()
-  old['schema_version'] = 2
+  old['schema_version'] = 3
   with open(tmp_path / 'results.json', 'w') as f:
     json.dump(old, f)
   assert report.read(str(tmp_path)) is None
@@ -334,13 +336,34 @@ def test_run_writes_a_valid_report(tmp_path, tiny_data_config):
   with open(os.path.join(out, 'results.json')) as f:
     on_disk = json.load(f)
   assert report.Results.from_json(on_disk) == results
-  assert (on_disk['schema_version'], on_disk['config']) == (3, 'tiny.py')
+  assert (on_disk['schema_version'], on_disk['config']) == (4, 'tiny.py')
   assert on_disk['evaluator_workdir'] == rundir.evaluator_workdir(workdir)
   assert 'd_model 64, 2 layers' in on_disk['evaluator']
-  for name in ('REPORT.md', 'speedup.png', 'quality.png'):
+  for name in ('REPORT.md', 'speedup.png', 'quality.png', 'frontier.png'):
     assert os.path.getsize(os.path.join(out, name)) > 0
   by_name = {m['name']: m for m in on_disk['models']}
-  assert list(by_name) == ['ar', 'pflm_k1', 'pflm_k1_nopen', 'pflm_k2', 'pflm_k2_nopen']
+  assert list(by_name) == ['ar', 'pflm_k1', 'pflm_k1_nopen', 'pflm_k2', 'pflm_k2_nopen',
+                           'lossless_k1', 'lossless_k2']
+  # lossless: the AR teacher's samples (same prompts, same chunks of 2, same noise), so the
+  # same metrics to the last digit, whatever the random students draft
+  for name, k in (('lossless_k1', 1), ('lossless_k2', 2)):
+    row, stats = by_name[name], by_name[name]['lossless']
+    assert (row['kind'], row['k'], stats['samples'], stats['rows_identical_to_ar']) == (
+        'lossless', k, 2, 2)
+    for key in ('gen_ppl_teacher', 'gen_ppl_evaluator', 'entropy', 'distinct_2', 'distinct_4'):
+      assert row[key] == by_name['ar'][key], (name, key)
+    assert stats['ar_gen_ppl_teacher'] == pytest.approx(row['gen_ppl_teacher'])
+    assert row['mode_seeking'] is False and row['agreement_vs_ar'] is None
+    assert len(stats['accepted_histogram']) == k + 1
+    assert stats['mean_tokens_per_iteration'] == pytest.approx(
+        evaluate.mean_tokens_per_iteration(stats['accepted_histogram']))
+    assert [r['batch'] for r in row['throughput']] == [c['batch'] for c in stats['cost']] == [1, 2]
+    for r, c in zip(row['throughput'], stats['cost']):
+      # 12 new tokens per row, at most k + 1 per iteration, at least 1
+      assert math.ceil(12 / (k + 1)) <= c['iterations'] <= 12
+      assert r['decode_steps'] == c['iterations']
+      assert c['tokens_per_iteration'] == pytest.approx(12 / c['iterations'])
+      assert r['forwards_per_token'] == pytest.approx(c['iterations'] / 12)
   assert (by_name['ar']['kind'], by_name['ar']['k']) == ('ar', 1)
   assert (by_name['pflm_k2']['kind'], by_name['pflm_k2']['k']) == ('pflm', 2)
   assert by_name['ar']['acc_total'] is None
@@ -371,6 +394,8 @@ def test_run_writes_a_valid_report(tmp_path, tiny_data_config):
   assert on_disk['roofline']['models'][2]['steps'] == 6
   text = open(os.path.join(out, 'REPORT.md')).read()
   assert '## Roofline' in text and 'pflm_k2' in text
+  assert '## Lossless decoding' in text and '| lossless_k2 | 2 | 2 / 2 |' in text
+  assert '## Speed-quality frontier' in text and '| k=2 lossless | lossless_k2 |' in text
   assert '## Agreement with the AR teacher' in text and 'mode-seeking' in text
   assert results.models[0].samples[0].prompt == tokenizer.decode(prompts[0].tolist())
 
@@ -388,6 +413,7 @@ def test_mains_parse_their_flags():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert '--config' in out.stdout, out.stderr[-2000:]
     assert ('--force' if main == 'evaluate' else '--student') in out.stdout
+    assert '--mode: <lossy|lossless>' in out.stdout
 
 
 def test_decode_speed_benchmark_writes_speedups(tmp_path):
@@ -406,3 +432,147 @@ def test_decode_speed_benchmark_writes_speedups(tmp_path):
   assert set(result['speedup_vs_ar']) == {'ar', 'pflm_k2'}
   assert result['speedup_vs_ar']['ar'] == {'2': 1.0}
   assert result['throughput']['pflm_k2'][0]['decode_steps'] == 6  # 12 new tokens, 2 per step
+
+
+# ----------------------------------------------------------------------------- lossless rows
+
+def test_break_even_acceptance_solves_the_expected_tokens_per_iteration():
+  # 1 + a = 1.5 (k = 1) and 1 + a + a^2 = 1.75 (k = 2): a = 0.5
+  assert evaluate.break_even_acceptance(1.5, 1) == pytest.approx(0.5)
+  assert evaluate.break_even_acceptance(1.75, 2) == pytest.approx(0.5)
+  alpha = evaluate.break_even_acceptance(4.0, 4)
+  assert sum(alpha ** i for i in range(5)) == pytest.approx(4.0)
+  assert evaluate.break_even_acceptance(0.8, 4) == 0.0  # one token per iteration already pays
+  assert evaluate.break_even_acceptance(5.0, 4) == pytest.approx(1.0)
+  assert evaluate.break_even_acceptance(5.01, 4) is None  # more than k + 1 tokens
+
+
+def test_lossless_cost_in_ar_steps_and_its_break_even():
+  # AR: 1.0 s for 100 steps (10 ms a step); lossless: 2.0 s for 50 iterations (40 ms each)
+  ar_row = {'batch': 16, 'seconds': 1.0, 'decode_steps': 100}
+  row = {'batch': 16, 'seconds': 2.0, 'decode_steps': 25}  # measure_throughput's k-step count
+  cost = evaluate.lossless_cost(row, ar_row, iterations=50, new_tokens=100, k=4)
+  assert (cost.batch, cost.iterations) == (16, 50)
+  assert cost.iteration_in_ar_steps == pytest.approx(4.0)
+  assert cost.tokens_per_iteration == pytest.approx(2.0)
+  # speed-up = tokens per iteration / iteration cost = AR time / lossless time
+  assert cost.tokens_per_iteration / cost.iteration_in_ar_steps == pytest.approx(1.0 / 2.0)
+  assert sum(cost.break_even_acceptance ** i for i in range(5)) == pytest.approx(4.0)
+  assert evaluate.lossless_cost(dict(row, seconds=12.0), ar_row, 50, 100, 4).break_even_acceptance \
+      is None  # 24 AR steps an iteration: out of reach at k = 4
+  assert evaluate.mean_tokens_per_iteration([3, 1]) == pytest.approx((3 * 1 + 1 * 2) / 4)
+  assert evaluate.mean_tokens_per_iteration([0, 0, 0]) == 0.0
+
+
+def test_pareto_front_on_constructed_points():
+  # (speed-up, distance from the AR samples' gen. ppl)
+  points = [(1.0, 0.0),    # AR: on the front (nothing is as close and faster)
+            (0.3, 0.0),    # lossless: as close as AR, slower: dominated
+            (1.2, 0.5),    # on the front
+            (1.1, 0.6),    # dominated by (1.2, 0.5)
+            (1.5, 1.2),    # the fastest: on the front
+            (1.5, 1.3)]    # as fast, further: dominated
+  assert report.pareto_front(points) == [0, 2, 4]
+  assert report.pareto_front([(1.0, 0.1), (1.0, 0.1)]) == [0, 1]  # ties dominate neither
+  assert report.quality_distance(100.0, 200.0) == pytest.approx(math.log(2.0))
+  assert report.quality_distance(400.0, 200.0) == pytest.approx(math.log(2.0))
+
+
+def with_lossless_row(results: dict, speedup: float = 0.25, gen_ppl: float = 10.0,
+                      ar_same_prompts: float = 10.0) -> dict:
+  """valid_results plus a lossless_k2 row timed at batch 1."""
+  ar = results['models'][0]
+  cost = {'batch': 1, 'iterations': 10, 'tokens_per_iteration': 1.2,
+          'iteration_in_ar_steps': 4.8, 'break_even_acceptance': None}
+  row = dict(ar, name='lossless_k2', kind='lossless', k=2, gen_ppl_teacher=gen_ppl,
+             mode_seeking=False, tau=1.0,
+             throughput=[dict(ar['throughput'][0], speedup_vs_ar=speedup, decode_steps=10)],
+             lossless={'samples': 2, 'rows_identical_to_ar': 2,
+                       'ar_gen_ppl_teacher': ar_same_prompts, 'mean_tokens_per_iteration': 1.2,
+                       'accepted_histogram': [8, 2, 0], 'cost': [cost]})
+  results['models'].append(row)
+  return results
+
+
+def test_lossless_rows_in_results_and_the_report():
+  results = report.Results.from_json(with_lossless_row(valid_results()))
+  row = results.models[-1]
+  assert isinstance(row.lossless.cost[0], report.LosslessCost) and row.lossless.samples == 2
+  assert report.Results.from_json(json.loads(json.dumps(results.to_json()))) == results
+  assert [m.name for m in report.timed(results.models)] == ['ar', 'pflm_k2']
+  lines = report.lossless_markdown(results)
+  assert '| lossless_k2 | 2 | 2 / 2 | 10.0 [9.0, 11.5] | 10.0 |' in '\n'.join(lines)
+  assert '| 1 | lossless_k2 | 400 | 100 | 0.25x | 10 | 1.20 | 4.80 | n/a |' in lines
+  # fewer samples: the lossless section has its mode-seeking verdict
+  assert not any('lossless' in line for line in report.mode_seeking_prose(results.models))
+  for mutate, message in (
+      (lambda r: r['models'][-1].__setitem__('lossless', None), 'lossless statistics'),
+      (lambda r: r['models'][1].__setitem__('lossless', r['models'][-1]['lossless']),
+       'lossless statistics'),
+      (lambda r: r['models'][-1].__setitem__('name', 'lossless_k2_nopen'), 'name'),
+      (lambda r: r['models'][-1].__setitem__('kind', 'pflm'), 'name')):
+    broken = with_lossless_row(valid_results())
+    mutate(broken)
+    with pytest.raises(ValueError, match=message):
+      report.Results.from_json(broken)
+
+
+def test_frontier_points_and_table():
+  # AR 1.0x at distance 0; pflm_k2 1.8x at distance 0; pflm_k2_nopen (untimed: its penalised
+  # row's speed) ln 2 away; lossless 0.25x, gen ppl 12 over its prompts, where the AR samples
+  # of the same prompts have 12 too: distance 0 (not ln 1.2 from the AR row's 10)
+  raw = with_lossless_row(valid_results(), gen_ppl=12.0, ar_same_prompts=12.0)
+  raw['models'][2]['gen_ppl_teacher'] = 5.0
+  results = report.Results.from_json(raw)
+  points = report.frontier_points(results)
+  assert [(p.name, p.timed_as, p.speedup) for p in points] == [
+      ('ar', 'ar', {1: 1.0}), ('pflm_k2', 'pflm_k2', {1: 1.8}),
+      ('pflm_k2_nopen', 'pflm_k2', {1: 1.8}), ('lossless_k2', 'lossless_k2', {1: 0.25})]
+  assert [p.label for p in points] == ['AR', 'k=2 lossy, lambda 0.2', 'k=2 lossy, lambda 0',
+                                       'k=2 lossless']
+  assert report.frontier_batches(points) == [1]
+  assert [p.distance for p in points] == pytest.approx([0.0, 0.0, math.log(2.0), 0.0])
+  # pflm_k2 has AR's gen ppl and is faster: it alone is on the front
+  assert report.front_at(points, 1) == [1]
+  table = report.frontier_markdown(results)
+  assert '| k=2 lossy, lambda 0.2 | pflm_k2 | 10.0 [9.0, 11.5] | 10.0 | 0.000 | 1.80x * |' in table
+  assert '| k=2 lossy, lambda 0 | pflm_k2_nopen | 5.0 [9.0, 11.5] | 10.0 | 0.693 | 1.80x |' in table
+  assert '| k=2 lossless | lossless_k2 | 12.0 [9.0, 11.5] | 12.0 | 0.000 | 0.25x |' in table
+  # a _nopen row whose penalised row has no penalty is the same samples: one point
+  raw = valid_results()
+  raw['models'][1]['freq_penalty'] = 0.0
+  assert [p.name for p in report.frontier_points(report.Results.from_json(raw))] == [
+      'ar', 'pflm_k2']
+
+
+def test_frontier_png_is_written(tmp_path):
+  results = report.Results.from_json(with_lossless_row(valid_results()))
+  report.plot(tmp_path / 'frontier.png', lambda ax: report._draw_frontier(results, ax))
+  with open(tmp_path / 'frontier.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('decode.mode', 'exact', "is not one of ('lossy', 'lossless')"),
+    ('decode.prefix_len', 4, 'k+1 = 5 for the widest stage k=4 in decode.mode=lossless'),
+    ('eval.lossless_samples', -1, 'must be an integer >= 0'),
+    ('eval.lossless_batch_sizes', (1, 0), 'must be a tuple of integers >= 1'),
+])
+def test_decode_mode_and_lossless_config_checks(field, value, words):
+  config = test_tiny.get_config()
+  config.decode.mode = 'lossless'
+  block, name = field.split('.')
+  config[block][name] = value
+  with pytest.raises(ValueError) as excinfo:
+    config_checks.check(config, num_devices=1)
+  assert words in str(excinfo.value) and f'config.{field}=' in str(excinfo.value)
+  lossy = test_tiny.get_config()
+  lossy.decode.prefix_len = 4
+  config_checks.check(lossy, num_devices=1)  # lossy decoding needs k_max prompt tokens only
+
+
+def test_with_mode_overrides_a_copy():
+  config = test_tiny.get_config()
+  assert config.decode.mode == 'lossy' and evaluate.with_mode(config, None) is config
+  lossless_config = evaluate.with_mode(config, 'lossless')
+  assert lossless_config.decode.mode == 'lossless' and config.decode.mode == 'lossy'
