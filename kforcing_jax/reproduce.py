@@ -32,6 +32,13 @@ of batch 0, then every batch timed to block_until_ready. throughput.json (the au
 results.json: generative perplexity under an evaluator AR model (reproduce.evaluator; default
 the --ar model, which it says), unigram entropy, distinct-2/-4, speed-up over AR. Only
 process 0 writes files.
+
+decode.mode lossless (or --mode=lossless): the student rows are "lossless_k{K}", the student
+drafting K tokens and the --ar model verifying them with the same noise (kforcing_jax/
+lossless.py; both models needed). Their samples are the AR model's, token for token, for the
+same batches and keys (results.json: rows_identical_to_ar, counted against the ar row, and
+mean_tokens_per_iteration); in throughput.json total_nfe counts loop iterations of the timed
+batches, each one student draft pass and one teacher verify pass.
 """
 
 import dataclasses
@@ -43,7 +50,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from kforcing_jax import config_checks, data, decode, metrics, progress, rundir, sharding, timing
+from kforcing_jax import config_checks, data, decode, evaluate, metrics, progress, rundir
+from kforcing_jax import sharding, timing
 
 THROUGHPUT_FIELDS = (
     'model', 'task', 'batch_size', 'n_per_prefix', 'total_samples', 'max_new_tokens',
@@ -183,12 +191,12 @@ def quality(samples: np.ndarray, prompt_len: int, evaluator: rundir.Export) -> d
 
 
 def format_table(results: dict) -> str:
-  header = (f'{"model":<9} {"K":>2} {"lambda":>6} {"tok/s":>10} {"speed-up":>8} {"NFE/tok":>7} '
-            f'{"gen ppl":>9} {"entropy":>7} {"dist-2":>6} {"dist-4":>6}')
+  header = (f'{"model":<11} {"K":>2} {"lambda":>6} {"tok/s":>10} {"speed-up":>8} '
+            f'{"NFE/tok":>7} {"gen ppl":>9} {"entropy":>7} {"dist-2":>6} {"dist-4":>6}')
   lines = [header, '-' * len(header)]
   for m in results['models']:
     speedup = '-' if m['speedup_vs_ar'] is None else f'{m["speedup_vs_ar"]:.2f}x'
-    lines.append(f'{m["name"]:<9} {m["K"]:>2} {m["freq_penalty"]:>6.2f} '
+    lines.append(f'{m["name"]:<11} {m["K"]:>2} {m["freq_penalty"]:>6.2f} '
                  f'{m["throughput_tok_per_sec_total"]:>10.1f} {speedup:>8} '
                  f'{m["nfe_per_token"]:>7.3f} {m["gen_ppl"]:>9.2f} {m["entropy"]:>7.3f} '
                  f'{m["distinct_2"]:>6.3f} {m["distinct_4"]:>6.3f}')
@@ -201,15 +209,20 @@ def check_settings(config, ar: str | None, pflm: str | None) -> None:
   """Fails on protocol settings (config.reproduce) that cannot run, before anything loads."""
   if not (ar or pflm):
     raise ValueError('nothing to evaluate: pass --ar=DIR and/or --pflm=DIR.')
+  if config.decode.mode == 'lossless' and not (ar and pflm):
+    raise ValueError('decode.mode lossless: the --pflm student drafts and the --ar model '
+                     'verifies; pass both (or --mode=lossy).')
   if not (ar or config.reproduce.evaluator):
     raise ValueError('without --ar there is no default evaluator: set '
                      '--config.reproduce.evaluator=DIR (a run directory with an AR model).')
   config_checks.check_reproduce(config)
 
 
-def load_models(r, ar: str | None, pflm: str | None, layout, tokenizer, prompt_len: int):
+def load_models(r, ar: str | None, pflm: str | None, layout, tokenizer, prompt_len: int,
+                lossless_mode: bool = False):
   """(AR export or None, student export or None, evaluator export), K checked against the
-  student's k_max and the prompt length before anything decodes. Errors name the flag."""
+  student's k_max and the prompt length (lossless_mode: K+1) before anything decodes. Errors
+  name the flag."""
   def load(directory: str, flag: str, kind: str) -> rundir.Export:
     try:
       return rundir.load_export(rundir.model_dir(directory, kind), layout, kind=kind,
@@ -227,6 +240,10 @@ def load_models(r, ar: str | None, pflm: str | None, layout, tokenizer, prompt_l
     if max(r.ks) > prompt_len:
       raise ValueError(f'K={max(r.ks)} exceeds the prompt length {prompt_len}: the first '
                        'k-token step feeds the last K prompt tokens.')
+    if lossless_mode and max(r.ks) + 1 > prompt_len:
+      raise ValueError(f'K={max(r.ks)} in decode.mode lossless needs prompts of K+1 = '
+                       f'{max(r.ks) + 1} tokens (the drafting student re-feeds the last K+1), '
+                       f'these have {prompt_len}: use smaller K or longer prefix_tokens.')
   evaluator = (load(r.evaluator, 'config.reproduce.evaluator', 'ar')
                if r.evaluator and r.evaluator != ar else ar_export)
   return ar_export, student, evaluator
@@ -260,6 +277,28 @@ def _write_model(c: _Context, record: dict, samples) -> None:
   (directory / 'samples.jsonl').write_text(''.join(lines), encoding='utf-8')
 
 
+def _tokens_of(dec: evaluate.LosslessDecoder, outputs: list):
+  """`dec` as time_batches calls it: tokens out, every verify_loop output kept in `outputs`."""
+  def run(prompts, key):
+    out = dec(prompts, key)
+    outputs.append(out)
+    return out['tokens']
+  return run
+
+
+def lossless_fields(outputs: list, n_warmup: int, max_new_tokens: int, samples: np.ndarray,
+                    ar_samples: np.ndarray | None) -> dict:
+  """A lossless row's throughput.json NFE (loop iterations of the timed batches, the warm-up
+  runs dropped) and results.json extras (tokens per iteration, rows equal to the AR model's)."""
+  timed = outputs[n_warmup:]
+  total_nfe = int(sum(int(o['iterations']) for o in timed))
+  histogram = np.sum([np.asarray(o['accepted_histogram']) for o in timed], axis=0)
+  return {'total_nfe': total_nfe, 'nfe_per_token': total_nfe / len(timed) / max_new_tokens,
+          'mean_tokens_per_iteration': evaluate.mean_tokens_per_iteration(histogram),
+          'rows_identical_to_ar': None if ar_samples is None else
+          int(np.all(samples == ar_samples, axis=1).sum())}
+
+
 def _decode_all(c: _Context, decoders, evaluator, log) -> tuple[list[dict], dict]:
   """Each decoder timed over every batch and scored: (results.json "models", tokens)."""
   r = c.config.reproduce
@@ -267,7 +306,9 @@ def _decode_all(c: _Context, decoders, evaluator, log) -> tuple[list[dict], dict
   models, tokens = [], {}
   for dec in decoders:
     t0 = time.time()
-    out, seconds = timing.time_batches(dec, rows, r.batch_size, jax.random.key(r.seed),
+    outputs = []
+    run = _tokens_of(dec, outputs) if dec.kind == 'lossless' else dec
+    out, seconds = timing.time_batches(run, rows, r.batch_size, jax.random.key(r.seed),
                                        r.n_warmup_batches)
     samples = np.asarray(out)[:total_samples]
     record = throughput_record(
@@ -276,9 +317,14 @@ def _decode_all(c: _Context, decoders, evaluator, log) -> tuple[list[dict], dict
         k_per_step=dec.k, prefix_len=c.prompt_len, batch_seconds=seconds,
         n_warmup_batches=r.n_warmup_batches, device=c.device,
         freq_penalty=dec.settings.get('freq_penalty', 0.0))
+    extra = {}
+    if dec.kind == 'lossless':
+      extra = lossless_fields(outputs, r.n_warmup_batches, c.max_new, samples,
+                              tokens.get('ar'))
+      record.update(total_nfe=extra.pop('total_nfe'), nfe_per_token=extra.pop('nfe_per_token'))
     scores = quality(samples, c.prompt_len, evaluator)
     models.append({'name': dec.name, 'K': dec.k, 'freq_penalty': record['freq_penalty'],
-                   **scores, **{key: record[key] for key in _SUMMARY}})
+                   **scores, **{key: record[key] for key in _SUMMARY}, **extra})
     tokens[dec.name] = samples
     if progress.is_main_process():
       _write_model(c, record, samples)
@@ -296,7 +342,7 @@ def _settings(c: _Context, ar, pflm, prefix_file: str, student, penalties: dict)
   r, d = c.config.reproduce, c.config.data
   return {**r.to_dict(), 'prefix_file': prefix_file, 'out': c.out, 'ar': ar,
           'pflm': pflm, 'evaluator': r.evaluator or None, 'tokenizer': d.tokenizer,
-          'tokenizer_path': d.tokenizer_path, 'ks': list(penalties),
+          'tokenizer_path': d.tokenizer_path, 'ks': list(r.ks) if student else [],
           'max_new_tokens': c.max_new, 'bos_id': c.tokenizer.bos_id if r.prepend_bos else None,
           'prompt_len': c.prompt_len, 'total_len': c.prompt_len + c.max_new,
           'pflm_k_max': student.k if student else None,
@@ -330,20 +376,28 @@ def _timed_log():
 
 
 def run(config, *, prefix_file: str, out: str, ar: str | None = None, pflm: str | None = None,
-        log=None) -> dict:
+        log=None, mode: str | None = None) -> dict:
   """Decode, time and score every model; write OUTDIR (process 0). Returns results.json's
-  content plus, under "tokens", each model's (total_samples, total length) token array."""
+  content plus, under "tokens", each model's (total_samples, total length) token array.
+  `mode` overrides config.decode.mode (lossless: the student rows draft for the AR model)."""
   if 'reproduce' not in config:
     raise ValueError('this config has no `reproduce` block (the protocol settings): use '
                      'configs/lm1b_ar.py or configs/owt_ar.py, or a config built on them.')
+  config = evaluate.with_mode(config, mode)
+  lossless_mode = config.decode.mode == 'lossless'
   r, log = config.reproduce, log or _timed_log()
   check_settings(config, ar, pflm)
   c = _context(config, prefix_file, out, log)
   layout = sharding.single_device_layout()
-  ar_export, student, evaluator = load_models(r, ar, pflm, layout, c.tokenizer, c.prompt_len)
-  penalties = freq_penalties(config, tuple(r.ks), tuple(r.freq_penalty)) if student else {}
+  ar_export, student, evaluator = load_models(r, ar, pflm, layout, c.tokenizer, c.prompt_len,
+                                              lossless_mode)
+  penalties = (freq_penalties(config, tuple(r.ks), tuple(r.freq_penalty))
+               if student and not lossless_mode else {})
   gen_len = c.prompt_len + c.max_new
   decoders = [decode.decoder(ar_export, layout, gen_len=gen_len)] if ar_export else []
+  if lossless_mode:  # the AR model at temperature 1, the student drafting at tau 1
+    decoders += [evaluate.lossless_decoder(ar_export, student, gen_len=gen_len,
+                                           temperature=1.0, k=k) for k in r.ks]
   decoders += [decode.decoder(student, layout, gen_len=gen_len, k=k, penalty=penalties[k])
                for k in penalties]
   models, tokens = _decode_all(c, decoders, evaluator, log)
@@ -353,7 +407,8 @@ def run(config, *, prefix_file: str, out: str, ar: str | None = None, pflm: str 
       'prefixes': {'in_file': c.prompts.num_lines, 'dropped_short': c.prompts.dropped_short,
                    'used': int(len(c.prompts.ids))},
       'evaluator': {'dir': r.evaluator or ar, 'is_the_ar_model': evaluator is ar_export},
-      'settings': _settings(c, ar, pflm, prefix_file, student, penalties)}
+      'settings': dict(_settings(c, ar, pflm, prefix_file, student, penalties),
+                       mode=config.decode.mode)}
   if progress.is_main_process():
     progress.write_json(epath.Path(out) / 'results.json', results)
   log(f'evaluator: {results["evaluator"]["dir"]}'

@@ -180,9 +180,9 @@ def run_dir(tmp_path_factory):
 
 def _run(run_dir, out, **overrides):
   """reproduce.run on lm1b_ar.py with the fixture vocabulary; `ar` / `pflm` override the
-  run directories (the flags), everything else config.reproduce."""
+  run directories and `mode` the decode mode (the flags), everything else config.reproduce."""
   dirs = {'ar': run_dir['dir'], 'pflm': run_dir['dir']}
-  dirs.update({name: overrides.pop(name) for name in ('ar', 'pflm') if name in overrides})
+  dirs.update({name: overrides.pop(name) for name in ('ar', 'pflm', 'mode') if name in overrides})
   settings = dict(ks=(1, 3), batch_size=4, n_per_prefix=2, max_new_tokens=8, n_warmup_batches=1,
                   seed=3, prepend_bos=True)
   settings.update(overrides)
@@ -255,6 +255,35 @@ def test_run_end_to_end_matches_direct_decoding(run_dir, tmp_path):
       metrics.perplexity_from_logits(logits, tokens['pflm_k1'], 7), rel=1e-5)
   assert models['ar']['entropy'] == pytest.approx(metrics.unigram_entropy(tokens['ar'][:, 7:]))
   assert 'pflm_k3' in reproduce.format_table(on_disk)
+
+
+def test_lossless_mode_rows_are_the_ar_samples(run_dir, tmp_path):
+  """--mode=lossless: the k_max = 4 student drafts K = 1, 3 tokens for the AR model; each row is
+  the AR row's tokens (same batches, same keys), and total_nfe counts loop iterations."""
+  out = tmp_path / 'out'
+  results = _run(run_dir, out, mode='lossless')
+  tokens = results['tokens']
+  assert sorted(tokens) == ['ar', 'lossless_k1', 'lossless_k3']
+  models = {m['name']: m for m in results['models']}
+  assert results['settings']['mode'] == 'lossless' and results['settings']['ks'] == [1, 3]
+  for name, k in (('lossless_k1', 1), ('lossless_k3', 3)):
+    np.testing.assert_array_equal(tokens[name], tokens['ar'])
+    assert models[name]['rows_identical_to_ar'] == 6
+    for key in ('gen_ppl', 'entropy', 'distinct_2', 'distinct_4'):
+      assert models[name][key] == models['ar'][key]
+    assert 1.0 <= models[name]['mean_tokens_per_iteration'] <= k + 1
+    record = json.loads((out / name / 'throughput.json').read_text())
+    assert set(record) == set(reproduce.THROUGHPUT_FIELDS)
+    assert (record['K_per_step'], record['freq_penalty'], record['n_batches']) == (k, 0.0, 2)
+    # 8 new tokens per batch: between ceil(8 / (k + 1)) and 8 iterations each
+    assert 2 * -(-8 // (k + 1)) <= record['total_nfe'] <= 2 * 8
+    assert record['nfe_per_token'] == pytest.approx(record['total_nfe'] / 2 / 8)
+  assert 'lossless_k3' in reproduce.format_table(results)
+  with pytest.raises(ValueError, match='pass both'):
+    _run(run_dir, tmp_path / 'other', mode='lossless', ar=None)
+  with pytest.raises(ValueError, match=r'K\+1 = 5'):
+    _run(run_dir, tmp_path / 'other', mode='lossless', ks=(4,), prepend_bos=False,
+         prefix_tokens=4)
 
 
 def test_default_prompt_is_the_authors_six_tokens(run_dir, tmp_path):
