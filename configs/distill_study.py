@@ -65,5 +65,14 @@ def get_config():
                                             'distill.target_smoothing': 0.2}),
        'the best k=1 recipe through the demo schedule (lr 3e-3 in every stage)',
        'k1_lr3e-3_soft0.2'),
+      # phase 5: the inverse-CDF readout (our extension, sampling.READOUTS): each slot predicts
+      # a distribution and samples it with its own noise; distilled by per-slot KL to the
+      # teacher's distributions along its shared-noise rollout (distill.distribution_loss)
+      ('k1_invcdf', dict(K1, **{'model.readout': 'inverse_cdf', 'distill.learning_rate': 3e-3}),
+       'inverse-CDF readout, per-slot KL, lr 3e-3'),
+      ('full_invcdf', dict(FULL, **{'model.readout': 'inverse_cdf',
+                                    'distill.learning_rate': 3e-3}),
+       'the inverse-CDF readout through the demo schedule (lr 3e-3 in every stage)',
+       'k1_invcdf'),
   )
   return c

@@ -7,7 +7,8 @@ reference, the AR teacher sampling from its own previous samples with the same n
   token_1 = InverseCDF(p_AR(. | x_<=t), u_1),  token_i = InverseCDF(p_AR(. | x_<=t, token_<i), u_i)
 
 in the model's cdf_order at tau = 1 - exactly what the AR decoder emits for those uniforms. The
-student's tokens are the argmax of its all-windows forward on the same u (no frequency penalty).
+student's tokens are its readout (model.readout: argmax or inverse CDF) of its all-windows
+forward on the same u (no frequency penalty).
 Reported per slot i: agreement_i (token i equal) and prefix_i (tokens 1..i all equal; prefix_k
 is acc_total against the AR map; for k = 1 it measures what the stage-1 acc_total measures, on
 other held-out noises - the widest stage's - and at tau = 1).
@@ -128,7 +129,8 @@ def make_counter(ar: FunctionalModel, students: list[FunctionalModel], layout):
       for student, params in zip(students, student_params):
         k = student.k_max
         student_logits, _ = student.module(params)(tokens, u[..., :k], tau)
-        out.append(window_counts(jnp.argmax(student_logits, -1), reference[..., :k], entropy,
+        out.append(window_counts(sampling.student_tokens(student.cfg, student_logits, u[..., :k]),
+                                 reference[..., :k], entropy,
                                  mode_p, distill.window_mask(batch['mask'], k)))
     return out
 

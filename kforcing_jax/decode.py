@@ -86,31 +86,26 @@ def ar_step(backbone, cache, token, pos, u, temperature):
           cache)
 
 
-def pflm_step(backbone, cache, pending, start, hints, counts, freq_penalty: float, active):
+def pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty: float, active):
   """The k-token loop body: pending tokens (B, k) at start..start+k-1 and hint states
-  (B, k, D) for start+k..start+2k-1 -> (k tokens (B, k), updated counts, cache)."""
+  (B, k, D) for start+k..start+2k-1, made from the noises u (B, k) -> (k tokens (B, k),
+  updated counts, cache)."""
   k = pending.shape[1]
   slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
   hidden, cache = window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
-  tokens, counts = penalized_argmax(backbone.logits(hidden[:, k:]), counts, freq_penalty, active)
+  tokens, counts = penalized_readout(backbone.logits(hidden[:, k:]), counts, freq_penalty, active,
+                                     u, backbone.cfg.readout, backbone.cfg.cdf_order)
   return tokens, counts, cache
 
 
-def first_argmax(x):
-  """jnp.argmax over the last axis (the first maximal index; the first NaN if any) as two plain
-  reductions, a max and a min of indices. XLA:CPU lowers argmax to a variadic (value, index)
-  reduce that it does not vectorise: at V = 8192 this form is ~3x faster (it is the AR
-  sampler's own pattern, sampling._first_in_id_order)."""
-  best = jnp.max(x, axis=-1, keepdims=True)
-  ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
-  return jnp.min(jnp.where((x == best) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
-
-
-def penalized_argmax(logits, counts, freq_penalty: float, active):
-  """Slot-by-slot argmax(logits_j - penalty * counts), counting each emitted token.
+def penalized_readout(logits, counts, freq_penalty: float, active, u=None,
+                      readout: str = 'argmax', order: str = 'id'):
+  """Slot-by-slot readout of logits_j - penalty * counts (argmax, or the inverse-CDF sample for
+  the slot's noise u_j: sampling.readout_tokens), counting each emitted token.
 
   logits: (B, k, V); counts: (B, V) generated-token counts (prefix excluded); active: (B, k)
-  whether slot j's token is a real output (slots past the requested length are not counted).
+  whether slot j's token is a real output (slots past the requested length are not counted);
+  u: (B, k) the slots' noises (read by the inverse-CDF readout only).
   Each count is a scatter-add of one entry per row (a one-hot (B, V) add was a full
   vocabulary pass per slot); with no penalty the counts do not change the tokens, so the
   argmax reads the logits alone.
@@ -120,7 +115,7 @@ def penalized_argmax(logits, counts, freq_penalty: float, active):
   tokens = []
   for j in range(logits.shape[1]):
     scores = logits[:, j] if no_penalty else logits[:, j] - freq_penalty * counts
-    token = first_argmax(scores).astype(jnp.int32)
+    token = sampling.readout_tokens(scores, None if u is None else u[:, j], readout, order)
     counts = counts.at[rows, token].add(active[:, j].astype(counts.dtype))
     tokens.append(token)
   return jnp.stack(tokens, axis=1), counts
@@ -215,8 +210,8 @@ def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, g
   tau = jnp.broadcast_to(jnp.asarray(tau, jnp.float32), (batch,))
   # every hint state of the run in one batched call, hoisted out of the loop: the noise
   # for position j does not depend on earlier tokens
-  all_hints = student.hint_states(
-      position_uniforms(key, jnp.arange(buffer_len + k), batch), tau[:, None])
+  all_u = position_uniforms(key, jnp.arange(buffer_len + k), batch)
+  all_hints = student.hint_states(all_u, tau[:, None])
 
   def body(state):
     start, tokens, cache, counts, done = state  # tokens start..start+k-1 are pending
@@ -224,7 +219,8 @@ def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, g
     active = (out_pos < gen_len)[None, :] & ~done[:, None]
     new, counts, cache = pflm_step(
         backbone, cache, jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1), start,
-        jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1), counts, freq_penalty,
+        jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1),
+        jax.lax.dynamic_slice_in_dim(all_u, start + k, k, axis=1), counts, freq_penalty,
         active)
     new = jnp.where(active, new, cfg.mask_id)
     tokens = _rows(jax.lax.dynamic_update_slice_in_dim(tokens, new, start + k, axis=1))

@@ -34,32 +34,57 @@ from kforcing_jax.models.pflm import init_from
 
 def ar_targets(teacher: FunctionalModel, params, tokens, u, tau):
   """k = 1 targets (B, N, 1): inverse-CDF sample of the AR teacher at every window."""
+  return ar_rollout(teacher, params, tokens, u, tau)[0]
+
+
+def ar_rollout(teacher: FunctionalModel, params, tokens, u, tau):
+  """k = 1: (targets (B, N, 1), the teacher's distributions (B, N, 1, V) at temperature tau)."""
   logits, _ = teacher.module(params)(tokens)
-  return sampling.inverse_cdf_sample(logits, u[..., 0], tau[:, None],
-                                     teacher.cfg.cdf_order)[..., None]
+  probs = sampling.probabilities(logits, tau[:, None])
+  return (sampling.inverse_cdf_from_probs(probs, u[..., 0], teacher.cfg.cdf_order)[..., None],
+          probs[:, :, None])
 
 
 def rollout_targets(teacher: FunctionalModel, params, tokens, u, tau):
-  """k = 2m targets (B, N, 2m) from the frozen stage-m student (teacher.k_max = m).
+  """k = 2m targets (B, N, 2m) from the frozen stage-m student (teacher.k_max = m)."""
+  return student_rollout(teacher, params, tokens, u, tau)[0]
+
+
+def student_rollout(teacher: FunctionalModel, params, tokens, u, tau):
+  """k = 2m: the frozen stage-m student's self-forcing rollout (teacher.k_max = m):
+  (tokens (B, N, 2m), the slot logits (B, N, 2m, V) that produced them).
 
   First half: the student's own all-windows forward on u_1..u_m. Second half, the double
   forward: window t = [first-half tokens at t+1..t+m | hints for u_{m+1..2m} at t+m+1..t+2m]
   attends to context <= t and causally within the window, so hint i sees all first-half
   tokens of its window and hints <= i - exactly decoding the first half, caching it, and
-  decoding the second half.
+  decoding the second half. Tokens are the student's readout (model.readout) of its logits.
   """
   m = teacher.k_max
   student = teacher.module(params)
   backbone = student.backbone
   first_logits, ctx_kvs = student(tokens, u[..., :m], tau)
-  first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)         # (B, N, m)
+  first = sampling.student_tokens(teacher.cfg, first_logits, u[..., :m])  # (B, N, m)
   n = tokens.shape[1]
   slots = jnp.concatenate([backbone.embed_tokens(first),
                            student.hint_states(u[..., m:], tau[:, None, None])], axis=2)
   positions = jnp.arange(n)[:, None] + jnp.arange(1, 2 * m + 1)[None, :]
   hidden, _ = backbone.window_stream(slots, positions[None], ctx_kvs, (jnp.arange(n) + 1)[None])
-  second = jnp.argmax(backbone.logits(hidden[:, :, m:]), axis=-1).astype(jnp.int32)
-  return jnp.concatenate([first, second], axis=-1)
+  second_logits = backbone.logits(hidden[:, :, m:])
+  second = sampling.student_tokens(teacher.cfg, second_logits, u[..., m:])
+  return (jnp.concatenate([first, second], axis=-1),
+          jnp.concatenate([first_logits, second_logits], axis=2))
+
+
+def stage_distributions(teacher: FunctionalModel, params, tokens, u, tau):
+  """(targets (B, N, k), target distributions (B, N, k, V)) of a stage whose student reads
+  out by inverse CDF: the teacher's tokens and the distributions it drew them from (the AR
+  model's at temperature tau; a stage-m student's softmax of its slot logits, which are
+  conditioned on tau through its hints)."""
+  if teacher.kind == 'ar':
+    return ar_rollout(teacher, params, tokens, u, tau)
+  targets, logits = student_rollout(teacher, params, tokens, u, tau)
+  return targets, sampling.probabilities(logits)
 
 
 def soft_ar_targets(teacher: FunctionalModel, params, tokens, u, tau, half_width):
@@ -129,11 +154,14 @@ def window_mask(mask, k: int):
   return (mask > 0) & (jnp.arange(n) + k < n)[None, :]
 
 
-def slot_metrics(logits, targets, weights):
-  """Per-slot CE and accuracy. logits (B, N, k, V), targets (B, N, k), weights (B, N)."""
+def slot_metrics(logits, targets, weights, predicted=None):
+  """Per-slot CE and accuracy. logits (B, N, k, V), targets (B, N, k), weights (B, N);
+  predicted (B, N, k): the student's tokens (default: the argmax of the logits)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  if predicted is None:
+    predicted = jnp.argmax(logits, -1)
+  correct = (predicted == targets).astype(jnp.float32)
   w = weights.astype(jnp.float32)
   denom = jnp.maximum(w.sum(), 1.0)
   loss_i = jnp.einsum('bnk,bn->k', nll, w) / denom
@@ -142,8 +170,32 @@ def slot_metrics(logits, targets, weights):
   return loss_i, acc_i, acc_total, denom
 
 
+def distribution_loss(student: FunctionalModel, teacher: FunctionalModel, params, batch,
+                      teacher_params):
+  """The loss of an inverse-CDF-readout student: per slot KL(teacher's distribution || the
+  student's), the teacher's distributions taken along its own shared-noise rollout. Its
+  tokens (the inverse-CDF samples of its distributions for the slots' noises) score acc_i."""
+  k = student.k_max
+  tokens, u, tau = batch['tokens'], batch['u'], batch['tau']
+  targets, q = jax.lax.stop_gradient(stage_distributions(teacher, teacher_params, tokens, u, tau))
+  logits, _ = student.module(params)(tokens, u, tau)
+  windows = window_mask(batch['mask'], k)
+  predicted = sampling.student_tokens(student.cfg, logits, u)
+  _, acc_i, acc_total, denom = slot_metrics(logits, targets, windows, predicted)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  kl = jnp.sum(jnp.where(q > 0, q * (jnp.log(jnp.where(q > 0, q, 1.0)) - logp), 0.0), axis=-1)
+  w = windows.astype(jnp.float32)
+  kl_i = jnp.einsum('bnk,bn->k', kl, w) / denom
+  metrics = {'windows': jnp.sum(w), 'acc_total': acc_total}
+  metrics.update({f'loss_{i + 1}': kl_i[i] for i in range(k)})
+  metrics.update({f'acc_{i + 1}': acc_i[i] for i in range(k)})
+  return kl_i.mean(), metrics
+
+
 def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params, batch,
                  teacher_params, ar_params):
+  if student.cfg.readout == 'inverse_cdf':
+    return distribution_loss(student, teacher, params, batch, teacher_params)
   k = student.k_max
   tokens, u, tau = batch['tokens'], batch['u'], batch['tau']
   smoothing = teacher.kind == 'ar' and dc.get('target_smoothing', 0.0) > 0
@@ -234,6 +286,11 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
   if dc.get('target_smoothing', 0.0) > 0 and config.model.get('cdf_order', 'id') != 'id':
     raise ValueError('distill.target_smoothing needs model.cdf_order=id (the soft targets use '
                      'every token\'s id-order interval).')
+  if config.model.get('readout', 'argmax') == 'inverse_cdf' and (
+      dc.data_weight > 0 or dc.get('target_smoothing', 0.0) > 0):
+    raise ValueError('model.readout=inverse_cdf is distilled on the teacher\'s distributions '
+                     '(KL per slot); distill.data_weight and distill.target_smoothing belong to '
+                     'the argmax readout: set them to 0.')
   if dc.data_weight > 0 and dc.microbatches > 1:
     # microbatches are weighted by the main term's window count; the data term averages over
     # its own (different) count, so accumulation would not equal the full-batch update
@@ -322,7 +379,7 @@ def make_stage_eval(student: FunctionalModel, teachers: Teachers, k: int, batche
     targets = stage_targets(teacher, teacher_params, tokens, u, tau)
     logits, _ = student.module(params)(tokens, u, tau)
     w = window_mask(batch['mask'], k).astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    correct = (sampling.student_tokens(student.cfg, logits, u) == targets).astype(jnp.float32)
     if k == 1:
       ar_logits, _ = ar.module(ar_params)(tokens)
       base = jnp.max(sampling.probabilities(ar_logits, tau[:, None]), axis=-1)

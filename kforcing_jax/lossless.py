@@ -123,7 +123,7 @@ def _ragged_loop(teacher, teacher_params, student, student_params, prompts, prom
                                ragged.read_rows(all_hints, n, k)], axis=1)
       hidden, s_cache = ragged.window_pass(sb, s_cache, slots, s_start, k + 1)
       slot_logits = sb.logits(hidden[:, k + 1:])
-      draft = jnp.argmax(slot_logits, axis=-1).astype(jnp.int32)
+      draft = sampling.student_tokens(sb.cfg, slot_logits, ragged.read_rows(all_u, n, k))
       trusted = (jnp.full((batch,), k, jnp.int32) if margin_threshold is None
                  else confident_prefix(slot_logits, margin_threshold))
     else:

@@ -99,9 +99,9 @@ def _ar_step(model: FunctionalModel, temperature: float):
 
 def _pflm_step(model: FunctionalModel, k: int, freq_penalty: float):
   """decode.pflm_step over explicit parameters (hint states are computed before the loop)."""
-  def step(params, cache, pending, start, hints, counts):
+  def step(params, cache, pending, start, hints, u, counts):
     backbone = model.module(params).backbone
-    return decode.pflm_step(backbone, cache, pending, start, hints, counts, freq_penalty,
+    return decode.pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty,
                             jnp.ones(pending.shape, bool))
   return step
 
@@ -127,6 +127,7 @@ def xla_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int, *,
     step = _pflm_step(model, k, freq_penalty)
     args = (model.param_shapes, cache, jax.ShapeDtypeStruct((batch, k), jnp.int32), pos,
             jax.ShapeDtypeStruct((batch, k, cfg.d_model), cfg.compute_dtype),
+            jax.ShapeDtypeStruct((batch, k), jnp.float32),
             jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
   if device is not None:
     place = jax.sharding.SingleDeviceSharding(device)

@@ -132,8 +132,11 @@ CONVERTED_DTYPE = 'float32'
 
 # model settings that change what the parameters mean without changing their shapes
 RECORDED_MODEL_KEYS = ('vocab_size', 'mask_id')
-# ... and what a student learned: its noise -> token map and its noise encoder's input scale
-RECORDED_STUDENT_KEYS = ('cdf_order', 'noise_scale')
+# ... and what a student learned: its noise -> token map, its noise encoder's input scale and
+# how its slot logits become tokens
+RECORDED_STUDENT_KEYS = ('cdf_order', 'noise_scale', 'readout')
+# a key a run recorded before it existed had this value (models/backbone.py's default)
+RECORDED_DEFAULTS = {'readout': 'argmax'}
 
 
 def recorded_model(directory: str) -> dict:
@@ -153,9 +156,11 @@ def _vocabulary(tokenizer, recorded: dict, meta: dict, where: str) -> tuple[int,
 
 
 def _check_recorded(config, recorded: dict, directory: str, keys) -> None:
-  differ = [f'model.{key}={recorded[key]!r} (given {config.model.get(key)!r})'
-            for key in keys
-            if key in recorded and config.model.get(key) != recorded[key]]
+  if recorded:  # a recorded config lacking a key newer than the run used its default
+    recorded = {**{k: v for k, v in RECORDED_DEFAULTS.items() if k in keys}, **recorded}
+  given = lambda key: config.model.get(key, RECORDED_DEFAULTS.get(key))  # noqa: E731
+  differ = [f'model.{key}={recorded[key]!r} (given {given(key)!r})'
+            for key in keys if key in recorded and given(key) != recorded[key]]
   if differ:
     raise ValueError(f'{directory} was trained with {", ".join(differ)} '
                      f'({provenance.config_path(directory)}); use the config it was trained with.')
@@ -258,7 +263,8 @@ def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, confi
     try:
       model = models.from_shapes(shapes, vocab_size=vocab_size, mask_id=mask_id, dtype=dtype,
                                  k_max=k, cdf_order=recorded.get('cdf_order', 'id'),
-                                 noise_scale=float(recorded.get('noise_scale', 1.0)))
+                                 noise_scale=float(recorded.get('noise_scale', 1.0)),
+                                 readout=recorded.get('readout', RECORDED_DEFAULTS['readout']))
     except ValueError as e:
       raise ValueError(f'{where}: {e}') from e
   return model

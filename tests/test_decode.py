@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import decode, distill, models
+from kforcing_jax import decode, distill, models, sampling
 from kforcing_jax.models import FunctionalModel
 from kforcing_jax.models.pflm import sinusoidal_features
 from tests.helpers import params as params_lib
@@ -123,18 +123,18 @@ def test_pflm_k_larger_than_k_max_is_a_clear_error(student_params):
 
 def test_penalized_argmax_slot_by_slot():
   logits = jnp.array([[[0.0, 2.0, 1.9, 0.0]] * 3])            # (B=1, k=3, V=4), same each slot
-  tokens, counts = decode.penalized_argmax(logits, jnp.zeros((1, 4)), 0.5,
+  tokens, counts = decode.penalized_readout(logits, jnp.zeros((1, 4)), 0.5,
                                            jnp.ones((1, 3), bool))
   # slot 0: 2.0 > 1.9 -> 1; slot 1: 1.5 < 1.9 -> 2; slot 2: 1.5 > 1.4 -> 1
   np.testing.assert_array_equal(tokens, [[1, 2, 1]])
   np.testing.assert_array_equal(counts, [[0, 2, 1, 0]])
   # an inactive slot (past the requested length) emits but is not counted
-  tokens, counts = decode.penalized_argmax(logits, jnp.zeros((1, 4)), 0.5,
+  tokens, counts = decode.penalized_readout(logits, jnp.zeros((1, 4)), 0.5,
                                            jnp.array([[True, False, True]]))
   np.testing.assert_array_equal(tokens, [[1, 2, 2]])
   np.testing.assert_array_equal(counts, [[0, 1, 1, 0]])
   # counts carried in from earlier steps
-  tokens, _ = decode.penalized_argmax(logits[:, :1], jnp.array([[0.0, 1.0, 0.0, 0.0]]), 0.5,
+  tokens, _ = decode.penalized_readout(logits[:, :1], jnp.array([[0.0, 1.0, 0.0, 0.0]]), 0.5,
                                       jnp.ones((1, 1), bool))
   np.testing.assert_array_equal(tokens, [[2]])
 
@@ -226,7 +226,7 @@ def test_eos_pads_after_the_first_generated_eos(teacher, student_params, kind):
 def test_first_argmax_equals_jnp_argmax_with_ties_and_nans():
   x = jnp.round(jax.random.normal(jax.random.key(3), (64, 300)), 1)  # many exact ties
   x = x.at[5, 17].set(jnp.nan).at[5, 200].set(jnp.nan).at[9].set(-jnp.inf)
-  np.testing.assert_array_equal(decode.first_argmax(x), jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(sampling.first_argmax(x), jnp.argmax(x, axis=-1))
 
 
 def test_penalized_argmax_equals_the_one_hot_reference():
@@ -241,6 +241,6 @@ def test_penalized_argmax_equals_the_one_hot_reference():
       token = jnp.argmax(logits[:, j] - penalty * ref_counts, axis=-1)
       ref_counts = ref_counts + jax.nn.one_hot(token, 50) * active[:, j, None]
       ref_tokens.append(token)
-    tokens, new_counts = decode.penalized_argmax(logits, counts, penalty, active)
+    tokens, new_counts = decode.penalized_readout(logits, counts, penalty, active)
     np.testing.assert_array_equal(tokens, jnp.stack(ref_tokens, axis=1))
     np.testing.assert_array_equal(new_counts, ref_counts)

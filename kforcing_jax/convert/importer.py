@@ -30,6 +30,10 @@ def model_settings(config, config_file: str, dims: layout.Dims) -> dict:
         f'--config={config_file} has model.cdf_order={m.get("cdf_order")!r} and '
         f'model.noise_scale={m.get("noise_scale")}: the authors\' checkpoints sample in token-id '
         "order with phi(u): use --config.model.cdf_order=id --config.model.noise_scale=1.")
+  if m.get('readout', 'argmax') != 'argmax':
+    raise errors.ConversionError(
+        f'--config={config_file} has model.readout={m.get("readout")!r}: the authors\' students '
+        'emit the argmax of each slot: use --config.model.readout=argmax.')
   if m.pad_vocab_to_multiple_of < 1:
     raise errors.ConversionError('--config.model.pad_vocab_to_multiple_of='
                                  f'{m.pad_vocab_to_multiple_of} must be >= 1.')

@@ -16,7 +16,7 @@ from flax import nnx
 
 from kforcing_jax.models.backbone import REMAT_POLICIES, Backbone, BackboneConfig
 from kforcing_jax.models.pflm import PushForwardLM
-from kforcing_jax.sampling import CDF_ORDERS
+from kforcing_jax.sampling import CDF_ORDERS, READOUTS
 
 KINDS = ('ar', 'pflm')
 
@@ -39,6 +39,9 @@ def backbone_config(model_cfg) -> BackboneConfig:
   noise_scale = float(model_cfg.get('noise_scale', 1.0))
   if not noise_scale > 0:
     raise ValueError(f'model.noise_scale={noise_scale} must be positive.')
+  readout = model_cfg.get('readout', 'argmax')
+  if readout not in READOUTS:
+    raise ValueError(f'model.readout={readout!r}; expected one of {READOUTS}.')
   remat = model_cfg.get('remat', 'none')
   if remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}.')
@@ -46,7 +49,8 @@ def backbone_config(model_cfg) -> BackboneConfig:
                         mask_id=model_cfg.mask_id, d_model=model_cfg.d_model,
                         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                         mlp_ratio=model_cfg.get('mlp_ratio', 4), dtype=model_cfg.dtype,
-                        remat=remat, cdf_order=cdf_order, noise_scale=noise_scale)
+                        remat=remat, cdf_order=cdf_order, noise_scale=noise_scale,
+                        readout=readout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +113,7 @@ def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int, dtype: str =
   """The backbone architecture of a stored AR parameter tree (or a student's 'backbone').
 
   vocab_size / mask_id are the tokenizer's (the stored embedding may have padding rows);
-  `recorded`: settings the shapes cannot tell (cdf_order, noise_scale), as the model recorded."""
+  `recorded`: settings the shapes cannot tell (cdf_order, noise_scale, readout), as the model recorded."""
   try:
     rows, d_model = shapes['embed']
     blocks = shapes['blocks']

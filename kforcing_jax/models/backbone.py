@@ -54,6 +54,9 @@ class BackboneConfig:
   cdf_order: str = 'id'
   # the student's noise encoder reads phi(noise_scale * u): 1 is the authors' encoder
   noise_scale: float = 1.0
+  # how a student turns a slot's logits into its token (sampling.READOUTS): 'argmax' (the
+  # paper's) or 'inverse_cdf' (the slot's distribution sampled with the slot's own noise)
+  readout: str = 'argmax'
 
   @property
   def head_dim(self) -> int:

@@ -11,7 +11,7 @@ from kforcing_jax.benchmarks.decode_speed import random_export
 from configs import shakespeare_tiny
 
 
-def old_penalty(logits, counts, freq_penalty, active):
+def old_penalty(logits, counts, freq_penalty, active, u=None, readout="argmax", order="id"):
   tokens = []
   for j in range(logits.shape[1]):
     token = jnp.argmax(logits[:, j] - freq_penalty * counts, axis=-1).astype(jnp.int32)
@@ -20,12 +20,12 @@ def old_penalty(logits, counts, freq_penalty, active):
   return jnp.stack(tokens, axis=1), counts
 
 
-NEW = (decode.penalized_argmax, decode.loop_compiler_options)
+NEW = (decode.penalized_readout, decode.loop_compiler_options)
 OLD = (old_penalty, lambda mesh: None)
 
 
 def use(version):
-  decode.penalized_argmax, decode.loop_compiler_options = version
+  decode.penalized_readout, decode.loop_compiler_options = version
 
 
 config = shakespeare_tiny.get_config()
