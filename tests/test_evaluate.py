@@ -576,3 +576,12 @@ def test_with_mode_overrides_a_copy():
   assert config.decode.mode == 'lossy' and evaluate.with_mode(config, None) is config
   lossless_config = evaluate.with_mode(config, 'lossless')
   assert lossless_config.decode.mode == 'lossless' and config.decode.mode == 'lossy'
+
+
+def test_a_report_of_another_decode_mode_is_redone():
+  done = report.Results.from_json(dict(valid_results(),
+                                       config_values={'decode': {'mode': 'lossy'}}))
+  config = test_tiny.get_config()
+  assert evaluate._mode_changed(done, config) is None
+  assert 'decode.mode lossy, this run asks for lossless' in evaluate._mode_changed(
+      done, evaluate.with_mode(config, 'lossless'))
