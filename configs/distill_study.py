@@ -70,6 +70,10 @@ def get_config():
       # teacher's distributions along its shared-noise rollout (distill.distribution_loss)
       ('k1_invcdf', dict(K1, **{'model.readout': 'inverse_cdf', 'distill.learning_rate': 3e-3}),
        'inverse-CDF readout, per-slot KL, lr 3e-3'),
+      ('k1_invcdf_steps500', dict(K1, **{'model.readout': 'inverse_cdf',
+                                         'distill.learning_rate': 3e-3,
+                                         'distill.stages': ((1, 500),)}),
+       'inverse-CDF readout, twice the k=1 steps'),
       ('full_invcdf', dict(FULL, **{'model.readout': 'inverse_cdf',
                                     'distill.learning_rate': 3e-3}),
        'the inverse-CDF readout through the demo schedule (lr 3e-3 in every stage)',

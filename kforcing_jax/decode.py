@@ -86,7 +86,8 @@ def ar_step(backbone, cache, token, pos, u, temperature):
           cache)
 
 
-def pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty: float, active):
+def pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty: float, active,
+              later_slot_temperature: float = 1.0):
   """The k-token loop body: pending tokens (B, k) at start..start+k-1 and hint states
   (B, k, D) for start+k..start+2k-1, made from the noises u (B, k) -> (k tokens (B, k),
   updated counts, cache)."""
@@ -94,18 +95,22 @@ def pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty: f
   slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
   hidden, cache = window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
   tokens, counts = penalized_readout(backbone.logits(hidden[:, k:]), counts, freq_penalty, active,
-                                     u, backbone.cfg.readout, backbone.cfg.cdf_order)
+                                     u, backbone.cfg.readout, backbone.cfg.cdf_order,
+                                     later_slot_temperature)
   return tokens, counts, cache
 
 
 def penalized_readout(logits, counts, freq_penalty: float, active, u=None,
-                      readout: str = 'argmax', order: str = 'id'):
+                      readout: str = 'argmax', order: str = 'id',
+                      later_slot_temperature: float = 1.0):
   """Slot-by-slot readout of logits_j - penalty * counts (argmax, or the inverse-CDF sample for
   the slot's noise u_j: sampling.readout_tokens), counting each emitted token.
 
   logits: (B, k, V); counts: (B, V) generated-token counts (prefix excluded); active: (B, k)
   whether slot j's token is a real output (slots past the requested length are not counted);
-  u: (B, k) the slots' noises (read by the inverse-CDF readout only).
+  u: (B, k) the slots' noises (read by the inverse-CDF readout only);
+  later_slot_temperature: the inverse-CDF readout samples slots 2..k at this temperature (1 =
+  the distributions as distilled; -> 0 approaches their argmax; slot 1 always at 1).
   Each count is a scatter-add of one entry per row (a one-hot (B, V) add was a full
   vocabulary pass per slot); with no penalty the counts do not change the tokens, so the
   argmax reads the logits alone.
@@ -115,6 +120,8 @@ def penalized_readout(logits, counts, freq_penalty: float, active, u=None,
   tokens = []
   for j in range(logits.shape[1]):
     scores = logits[:, j] if no_penalty else logits[:, j] - freq_penalty * counts
+    if j and later_slot_temperature != 1.0:
+      scores = scores / later_slot_temperature
     token = sampling.readout_tokens(scores, None if u is None else u[:, j], readout, order)
     counts = counts.at[rows, token].add(active[:, j].astype(counts.dtype))
     tokens.append(token)
@@ -189,11 +196,13 @@ def ar_decode_loop(model: FunctionalModel, params, prompts, key, temperature=1.0
 
 
 def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, gen_len: int,
-                     k: int, freq_penalty: float = 0.0, eos_id: int | None = None):
+                     k: int, freq_penalty: float = 0.0, eos_id: int | None = None,
+                     later_slot_temperature: float = 1.0):
   """k-token push-forward decoding. prompts (B, P), P >= k -> tokens (B, gen_len).
 
   Each step feeds the k tokens emitted by the previous step (the prompt's last k at first)
-  plus k hint states, and emits k tokens as (frequency-penalised) argmax of the hint logits.
+  plus k hint states, and emits k tokens as the (frequency-penalised) readout of the hint
+  logits (model.readout; an inverse-CDF student's slots 2..k at later_slot_temperature).
   Traced by `generate_pflm` (plain jit) and `sharded_decoder` (declared shardings).
   """
   if k > model.k_max:
@@ -221,7 +230,7 @@ def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, g
         backbone, cache, jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1), start,
         jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1),
         jax.lax.dynamic_slice_in_dim(all_u, start + k, k, axis=1), counts, freq_penalty,
-        active)
+        active, later_slot_temperature)
     new = jnp.where(active, new, cfg.mask_id)
     tokens = _rows(jax.lax.dynamic_update_slice_in_dim(tokens, new, start + k, axis=1))
     if eos_id is not None:
@@ -241,7 +250,8 @@ def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, g
 generate_ar = jax.jit(ar_decode_loop,
                       static_argnames=('model', 'gen_len', 'eos_id', 'return_logits'))
 generate_pflm = jax.jit(pflm_decode_loop,
-                        static_argnames=('model', 'gen_len', 'k', 'freq_penalty', 'eos_id'))
+                        static_argnames=('model', 'gen_len', 'k', 'freq_penalty', 'eos_id',
+                                         'later_slot_temperature'))
 
 DECODE_LOOPS = {'ar': ar_decode_loop, 'pflm': pflm_decode_loop}
 

@@ -198,3 +198,27 @@ def test_short_inverse_cdf_stage_matches_the_teacher_distribution(tiny_data_conf
   losses = [r['loss_1'] for r in rows if 'loss_1' in r]
   assert losses[-1] < 0.5 * losses[0], losses
   assert saved['acc_total'] > saved['baseline_acc_total'] + 0.1, saved
+
+
+def test_later_slot_temperature_moves_slots_2_to_k_towards_their_argmax():
+  config = test_tiny.get_config()
+  config.model.readout = 'inverse_cdf'
+  model = models.student(config, 4)
+  params = params_lib.random_params(model, 2, head_scale=0.1)
+  batch, prefix, gen_len, k = 3, 4, 12, 4
+  prompts = jax.random.randint(jax.random.key(4), (batch, prefix), 1, 256, dtype=jnp.int32)
+  key = jax.random.key(11)
+  run = lambda t: np.asarray(decode.generate_pflm(  # noqa: E731
+      model, params, prompts, key, 1.0, gen_len=gen_len, k=k, later_slot_temperature=t))
+  np.testing.assert_array_equal(run(1.0), decode.generate_pflm(model, params, prompts, key, 1.0,
+                                                               gen_len=gen_len, k=k))
+  cold = run(1e-4)
+  u = noises(key, batch, gen_len, k)
+  logits, _ = model.module(params)(jnp.asarray(cold), u, jnp.ones((batch,)))
+  first = np.asarray(sampling.student_tokens(model.cfg, logits[..., :1, :], u[..., :1]))
+  rest = np.asarray(jnp.argmax(logits[..., 1:, :], -1))
+  for t in range(prefix - 1, gen_len - 1, k):  # slot 1 sampled, slots 2..4 at their argmax
+    np.testing.assert_array_equal(cold[:, t + 1], first[:, t, 0], err_msg=f't={t}')
+    np.testing.assert_array_equal(cold[:, t + 2:t + 1 + k], rest[:, t, :gen_len - t - 2],
+                                  err_msg=f't={t}')
+  assert np.mean(cold[:, prefix:] != run(1.0)[:, prefix:]) > 0.3
