@@ -33,8 +33,8 @@ def get_config():
   c.distill.checkpoint_every = 50
   c.decode.gen_len = 128
   c.eval.num_samples = 256           # completions per model (bootstrap intervals)
-  # speed at the batch sizes the speed targets name (4 and 64 add timing rounds to the demo.s
-  # 30; `python -m kforcing_jax.benchmarks.speed_table` times any list)
+  # speed at the batch sizes the speed targets name: 4 and 64 would add timing rounds to a demo
+  # at its 30-minute limit (`python -m kforcing_jax.benchmarks.speed_table` times any list)
   c.eval.batch_sizes = (1, 16, 256)
   # lossless rows: each (batch, k) is a compile of its own (~8 s here) and an iteration costs
   # ~5-10 AR steps, so the demo times batch 1 only, over 16 prompts (+~50 s; with batch 16 as
