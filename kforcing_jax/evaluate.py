@@ -213,16 +213,18 @@ class LosslessDecoder:
 
 
 def lossless_decoder(teacher: rundir.Export, student: rundir.Export, *, gen_len: int,
-                     temperature: float, k: int | None = None) -> LosslessDecoder:
+                     temperature: float, k: int | None = None,
+                     margin_threshold: float | None = None) -> LosslessDecoder:
   """`student` drafting k (default its own k_max) tokens for `teacher`; every prompt row is
-  full length."""
+  full length. margin_threshold: adaptive k (lossless.verify_loop; the name stays
+  'lossless_k{k}')."""
   k = student.k if k is None else int(k)
 
   def run(prompts, key):
     lens = np.full(prompts.shape[0], prompts.shape[1], np.int32)
     return lossless.generate_lossless(teacher.model, teacher.params, student.model,
                                       student.params, prompts, lens, key, temperature,
-                                      gen_len=gen_len, k=k)
+                                      margin_threshold, gen_len=gen_len, k=k)
 
   return LosslessDecoder(f'lossless_k{k}', k,
                          {'temperature': float(temperature), 'tau': float(temperature)}, run)

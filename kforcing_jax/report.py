@@ -399,13 +399,26 @@ _FRONTIER_STYLE = {'ar': ('k', 's'), 'pflm': ('tab:blue', 'o'), 'pflm_nopen': ('
 
 def _draw_frontier(results: Results, axes) -> None:
   points = frontier_points(results)
-  reference = results.models[0].gen_ppl_teacher
   kinds = {m.name: m.kind + ('_nopen' if m.without_penalty else '') for m in results.models}
+  draw_frontier(axes, points, frontier_batches(points),
+                lambda p: _FRONTIER_STYLE[kinds[p.name]], results.models[0].gen_ppl_teacher,
+                'AR samples (all prompts)',
+                lambda batch: f'batch {batch}: front = fastest at each distance from the AR '
+                'samples\' gen. ppl\n(lossless: fewer prompts, compared with the AR samples of '
+                'the same)')
+
+
+def draw_frontier(axes, points: list[FrontierPoint], batches: list[int], style_of,
+                  reference: float, reference_label: str, title_of) -> None:
+  """One panel per batch size (axes: one or an array of them): every point's gen. ppl (x, log,
+  with its interval) against its speed-up at that batch, labelled, and the Pareto front
+  (front_at) as a line. style_of(point) -> (colour, marker); reference: the AR samples' gen.
+  ppl (a dashed line, `reference_label` in the legend); title_of(batch) -> the panel title."""
   axes = list(axes) if isinstance(axes, (list, tuple)) or hasattr(axes, 'shape') else [axes]
-  for ax, batch in zip(axes, frontier_batches(points)):
+  for ax, batch in zip(axes, batches):
     front = front_at(points, batch)
     for i, p in enumerate(points):
-      color, marker = _FRONTIER_STYLE[kinds[p.name]]
+      color, marker = style_of(p)
       y = p.speedup[batch]
       ax.errorbar([p.gen_ppl], [y], xerr=[[p.gen_ppl - p.gen_ppl_ci.lo],
                                           [p.gen_ppl_ci.hi - p.gen_ppl]],
@@ -415,15 +428,12 @@ def _draw_frontier(results: Results, axes) -> None:
                   xytext=(4, 4 - 9 * (i % 3)), fontsize=6)
     ax.plot([points[i].gen_ppl for i in front], [points[i].speedup[batch] for i in front], '-',
             color='tab:red', alpha=0.6, linewidth=1.5, label='Pareto front')
-    ax.axvline(reference, color='gray', linestyle='--', linewidth=1,
-               label='AR samples (all prompts)')
+    ax.axvline(reference, color='gray', linestyle='--', linewidth=1, label=reference_label)
     ax.axhline(1.0, color='black', linewidth=0.8)
     ax.set_xscale('log')
     ax.set_xlabel('gen. ppl under the AR teacher (log; 95% interval)')
     ax.set_ylabel('speed-up vs AR (tokens/s, same process)')
-    ax.set_title(f'batch {batch}: front = fastest at each distance from the AR samples\' '
-                 'gen. ppl\n(lossless: fewer prompts, compared with the AR samples of the same)',
-                 fontsize=8)
+    ax.set_title(title_of(batch), fontsize=8)
     ax.legend(fontsize=7)
 
 
