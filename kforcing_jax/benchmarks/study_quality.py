@@ -62,7 +62,7 @@ def run_quality(config, workdir: str, prompts: np.ndarray, key,
     student = rundir.load_export(rundir.stage_dir(workdir, k), layout, kind='pflm',
                                  config=config, tokenizer=tokenizer)
     sampled = student.model.cfg.readout == 'inverse_cdf' and k > 1
-    for penalty in sorted({0.0, float(dc.freq_penalty[str(k)])}):
+    for penalty in sorted({0.0, decode.freq_penalty(config, k)}):
       for t in (temperatures if sampled else (1.0,)):
         out = np.asarray(decode.generate_pflm(student.model, student.params, prompts, key, 1.0,
                                               gen_len=dc.gen_len, k=k, freq_penalty=penalty,
