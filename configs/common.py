@@ -130,6 +130,48 @@ def base_config() -> ml_collections.ConfigDict:
   # drawn at those also in eval.batch_sizes)
   c.eval.lossless_samples = 32
   c.eval.lossless_batch_sizes = (1, 16, 256)
+
+  # `make compare` (kforcing_jax/compare.py): the decoding accelerators K-Forcing is compared
+  # with, each trained in <workdir>/baselines/<name>/ (rundir.baseline_dir). Budgets are in
+  # tokens seen: steps = 0 means "the same as the K-Forcing distillation" (sum of the stages'
+  # steps x distill.batch_size x distill.seq_len), converted to this block's batch and length.
+  c.compare = ml_collections.ConfigDict()
+  c.compare.prompts = 64             # completions per method and setting (quality)
+  c.compare.batch_sizes = (1, 16, 256)
+  # speculative decoding's draft: a smaller AR model (kforcing_jax/baselines/speculative.py)
+  # trained like the teacher on the corpus (config.train's optimizer), its own seed
+  c.compare.draft = ml_collections.ConfigDict()
+  c.compare.draft.seed = 2
+  c.compare.draft.d_model = 64
+  c.compare.draft.num_layers = 2
+  c.compare.draft.num_heads = 2
+  c.compare.draft.batch_size = 8
+  c.compare.draft.steps = 0
+  c.compare.draft.ks = (2, 4)        # draft lengths decoded
+  # independent heads (Medusa style, kforcing_jax/baselines/heads.py): k-1 extra heads on the
+  # frozen teacher, head i predicting token t+1+i from the hidden state at t, trained on the
+  # teacher's own samples (a pool of AR completions of corpus prompts, sampled once)
+  c.compare.heads = ml_collections.ConfigDict()
+  c.compare.heads.seed = 3
+  c.compare.heads.ks = (2, 4)        # tokens per pass: the teacher's head + k-1 extra heads
+  c.compare.heads.batch_size = 16
+  c.compare.heads.seq_len = 64
+  c.compare.heads.steps = 0
+  c.compare.heads.learning_rate = 1e-3
+  c.compare.heads.warmup_steps = 20
+  c.compare.heads.pool_samples = 512  # teacher completions sampled for training
+  # masked diffusion LM (absorbing state, MDLM-style; kforcing_jax/baselines/mdlm.py): the
+  # teacher's architecture with bidirectional attention, trained on the corpus
+  c.compare.mdlm = ml_collections.ConfigDict()
+  c.compare.mdlm.seed = 4
+  c.compare.mdlm.init = 'scratch'    # scratch | teacher (start from the AR teacher's weights)
+  c.compare.mdlm.batch_size = 32
+  c.compare.mdlm.learning_rate = 3e-3
+  c.compare.mdlm.warmup_steps = 30
+  # 0: the teacher's + the distillation's tokens (train.steps x train.batch_size x
+  # data.seq_len + the distillation's), at mdlm.batch_size rows of data.seq_len
+  c.compare.mdlm.steps = 0
+  c.compare.mdlm.denoising_steps = (32, 64, 122)  # T swept at decode (clipped to gen tokens)
   return c
 
 

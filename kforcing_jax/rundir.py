@@ -7,6 +7,9 @@
                                changed since it was made (see Provenance below; never loaded)
     <workdir>/report/          evaluate's results.json, REPORT.md and plots
     <workdir>/evaluator/       the independent AR evaluator's own run directory (its teacher/)
+    <workdir>/baselines/<name>/  a method K-Forcing is compared with (`make compare`): draft/
+                               (speculative decoding's AR draft: its own teacher/ inside),
+                               heads_k{K}/, mdlm/ (same files as a model directory)
 
 A *model directory* is teacher/ or one student_k{K}/; its params/ is a params-only export and
 its config.json the run record training wrote (provenance.py). `load_export` is the one loader
@@ -35,6 +38,7 @@ from kforcing_jax import checkpoints, models, provenance, sharding
 
 TEACHER = 'teacher'
 EVALUATOR = 'evaluator'
+BASELINES = 'baselines'
 STUDENT_PREFIX = 'student_k'
 _STUDENT_NAME = re.compile(rf'^{STUDENT_PREFIX}([1-9][0-9]*)$')
 
@@ -80,6 +84,12 @@ def report_dir(workdir: str) -> str:
 def evaluator_workdir(workdir: str) -> str:
   """The run directory of the pipeline's independent AR evaluator (its own teacher/ inside)."""
   return _join(workdir, EVALUATOR)
+
+
+def baseline_dir(workdir: str, name: str) -> str:
+  """<workdir>/baselines/<name>: the model directory (or, for the draft, the run directory) of
+  one compared method (kforcing_jax/compare.py)."""
+  return _join(workdir, BASELINES, name)
 
 
 def stage_k(directory: str) -> int | None:
@@ -220,6 +230,19 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
     model = _model_for(directory, shapes, meta, kind, config, tokenizer, dtype)
     params, meta = reader.import_params(layout.abstract_params(model))
   return Export(model, params, meta, str(directory))
+
+
+def load_tree(directory: str, abstract_params) -> tuple[Any, dict]:
+  """The params export of a model directory whose tree is not a backbone (a baseline's extra
+  heads) onto `abstract_params` (shapes and shardings): (params, meta). Shapes are checked."""
+  where = params_dir(directory)
+  if not epath.Path(where).is_dir():
+    raise FileNotFoundError(f'no exported model at {where}: train it first (`make compare`).')
+  with checkpoints.ExportReader(where) as reader:
+    difference = models.shape_difference(abstract_params, reader.shapes())
+    if difference:
+      raise ValueError(f'{where} does not match the model asked for: {difference}.')
+    return reader.import_params(abstract_params)
 
 
 def _model_for(directory: str, shapes: dict, meta: dict, kind: str | None, config, tokenizer,
