@@ -59,6 +59,7 @@ from etils import epath
 
 from kforcing_jax import agreement, checkpoints, data, decode, distill, lossless, metrics
 from kforcing_jax import progress, provenance, report, roofline, rundir, sharding, timing
+from kforcing_jax import teacher as ar_training  # `teacher` names the loaded teacher here
 
 NUM_REPORT_SAMPLES = 3
 SPEED_PROMPTS = 'the quality prompts tiled to the batch size, identical for every model'
@@ -140,6 +141,19 @@ def evaluator_workdir(config, workdir: str | None) -> str | None:
     if checkpoints.has_params(rundir.params_dir(rundir.teacher_dir(own))):
       return own
   return None
+
+
+def train_evaluator(config, workdir: str) -> None:
+  """The AR evaluator of config.eval.evaluator (another seed, another size) in its own run
+  directory, trained like the teacher and skipped when done; not when config.eval.
+  evaluator_workdir names one or config.eval.evaluator.steps is 0."""
+  if config.eval.evaluator_workdir:
+    progress.log(f'[evaluator] using config.eval.evaluator_workdir='
+                 f'{config.eval.evaluator_workdir}')
+  elif config.eval.evaluator.steps <= 0:
+    progress.log('[evaluator] config.eval.evaluator.steps=0: no independent evaluator')
+  else:
+    ar_training.run(evaluator_config(config), rundir.evaluator_workdir(workdir))
 
 
 def load_evaluator(config, layout, tokenizer, workdir: str | None = None) -> rundir.Export | None:

@@ -13,19 +13,6 @@ import time
 from kforcing_jax import cli, data, distill, distributed, evaluate, progress, rundir, teacher
 
 
-def train_evaluator(config, workdir: str) -> None:
-  """The AR evaluator of config.eval.evaluator (another seed, another size) in its own run
-  directory, trained like the teacher and skipped when done; not when config.eval.
-  evaluator_workdir names one or config.eval.evaluator.steps is 0."""
-  if config.eval.evaluator_workdir:
-    progress.log(f'[evaluator] using config.eval.evaluator_workdir='
-                 f'{config.eval.evaluator_workdir}')
-  elif config.eval.evaluator.steps <= 0:
-    progress.log('[evaluator] config.eval.evaluator.steps=0: no independent evaluator')
-  else:
-    teacher.run(evaluate.evaluator_config(config), rundir.evaluator_workdir(workdir))
-
-
 def pipeline(config, workdir: str, config_name: str | None = None) -> None:
   t0 = time.time()
   progress.log('\n=== 1/5 prepare data ===')
@@ -36,7 +23,7 @@ def pipeline(config, workdir: str, config_name: str | None = None) -> None:
                + ' ===')
   distill.run(config, workdir)
   progress.log('\n=== 4/5 train the independent evaluator ===')
-  train_evaluator(config, workdir)
+  evaluate.train_evaluator(config, workdir)
   progress.log('\n=== 5/5 evaluate ===')
   evaluate.run(config, workdir, config_name=config_name)
   progress.log(f'\n=== done in {progress.format_duration(time.time() - t0)}: see '
