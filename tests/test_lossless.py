@@ -366,3 +366,19 @@ def test_lossless_in_the_sorted_cdf_order():
   compared, _, unexplained = compare(np.asarray(out['tokens']), ref, edge_distance, lens)
   assert unexplained == 0 and compared > 0.99 * np.sum(GEN_LEN - lens)
   assert np.count_nonzero(np.asarray(out['accepted_histogram'])) >= 3
+
+
+@pytest.mark.parametrize('threshold', [0.0, 0.1, 0.5, 1.0])
+def test_confident_prefix_equals_the_top_k_margin(threshold):
+  """The two-max margin equals lax.top_k's top-1 minus top-2, ties (margin 0) included."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4, 50)).astype(np.float32))
+  x = x.at[0, 1].set(1.0)                      # a slot whose every logit ties
+  x = x.at[1, 0, 5].set(jnp.max(x[1, 0]))      # two tied maxima
+  x = x.at[2].multiply(10.0)                   # wide margins: long confident prefixes
+  top2 = jax.lax.top_k(x, 2)[0]
+  unsure = top2[..., 0] - top2[..., 1] < threshold
+  want = jnp.min(jnp.where(unsure, jnp.arange(4), 4), axis=1, initial=4)
+  got = lossless.confident_prefix(x, threshold)
+  np.testing.assert_array_equal(got, want)
+  if threshold > 0:  # a tie is margin 0: unsure at any positive threshold
+    assert got[0] <= 1 and got[1] == 0
