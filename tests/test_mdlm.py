@@ -202,6 +202,13 @@ def test_run_from_the_teacher_end_to_end(tiny_data_config, tmp_path, monkeypatch
   tokens = mdlm.generate_mdlm(export.model, export.params, prompts, jax.random.key(0),
                               gen_len=12, steps=4)
   assert np.all(np.asarray(tokens)[:, 4:] != export.model.cfg.mask_id)
+  # from scratch: needs no teacher (a fresh workdir), seeded by compare.mdlm.seed
+  config.compare.mdlm.init = 'scratch'
+  config.compare.mdlm.steps = 2
+  scratch = mdlm.run(config, str(tmp_path / 'scratch'))
+  assert scratch['init'] == 'scratch' and scratch['train_steps'] == 2
   # done: a second call reads eval.json and trains nothing
   monkeypatch.setattr(loop, 'run', lambda *a, **k: pytest.fail('retrained'))
+  config.compare.mdlm.init = 'teacher'
+  config.compare.mdlm.steps = 8
   assert mdlm.run(config, workdir) == result

@@ -227,8 +227,9 @@ def run(config, workdir: str) -> dict:
     teacher = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
                                  tokenizer=tokenizer)
     made_from = {provenance.TEACHER_KEY: provenance.params_fingerprint(teacher.params)}
+    # a copy: the train step donates the state, which must not free the teacher's buffers
     from_params = jax.jit(
-        lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p,
+        lambda p: {'step': jnp.zeros((), jnp.int32), 'params': jax.tree.map(jnp.copy, p),
                    'opt_state': program.optimizer.init(p)},
         out_shardings=train_state.shardings_of(program.abstract_state))
     init_state = lambda: from_params(teacher.params)  # noqa: E731
