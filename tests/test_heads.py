@@ -1,8 +1,10 @@
 """Independent heads on the frozen teacher (kforcing_jax/baselines/heads.py).
 
-Random tiny teachers (tests/helpers/params.py). The "peaked" teacher's head bias gives one token
-most of the mass, so heads drafting that token are often accepted and the verify loop's
-acceptance lengths vary; the heads' own weights are random so drafts also depend on context.
+Random tiny teachers (tests/helpers/params.py). The decoders' teacher is "peaked" (as in
+tests/test_lossless.py): its head bias gives one token about half the mass, so heads near their
+zero init (the teacher's next-token head) draft from a distribution close to the teacher's
+and, with the shared noise, are often accepted: acceptance lengths vary over 0..k-1. The
+training test's teacher has a larger head (context-dependent samples with structure to learn).
 """
 
 import jax
@@ -19,7 +21,8 @@ from tests.helpers import params as params_lib
 BATCH = 4
 GEN_LEN = 40
 PROMPT_LENS = (3, 6, 9, 6)
-PEAK_TOKEN, PEAK_BIAS = 1, 4.0
+PEAK_TOKEN, PEAK_BIAS, HEAD_SCALE = 1, 6.0, 0.1
+HEADS_SCALE = 0.2            # random heads: std HEADS_SCALE / sqrt(D) per weight
 
 
 def tiny_config():
@@ -34,16 +37,22 @@ def tiny_config():
 @pytest.fixture(scope='module')
 def teacher():
   model = models.teacher(tiny_config())
-  params = params_lib.random_params(model, 0, head_scale=0.5)
+  params = params_lib.random_params(model, 0, head_scale=HEAD_SCALE)
   params['head_bias'] = params['head_bias'].at[PEAK_TOKEN].set(PEAK_BIAS)
   return model, params
 
 
-def random_heads(model, num_heads: int, seed: int = 1):
+@pytest.fixture(scope='module')
+def sampler():
+  model = models.teacher(tiny_config())
+  return model, params_lib.random_params(model, 0, head_scale=0.5)
+
+
+def random_heads(model, num_heads: int, seed: int = 1, scale: float = HEADS_SCALE):
   heads = heads_lib.HeadsModel(model.cfg, num_heads)
   rng = np.random.default_rng(seed)
   d = model.cfg.d_model
-  return heads, {'w': jnp.asarray(rng.standard_normal((num_heads, d, d)) / np.sqrt(d),
+  return heads, {'w': jnp.asarray(scale * rng.standard_normal((num_heads, d, d)) / np.sqrt(d),
                                   jnp.float32),
                  'b': jnp.zeros((num_heads, d), jnp.float32)}
 
@@ -71,7 +80,7 @@ def test_heads_logits_shapes_and_zero_init_is_the_teachers_head(teacher):
   for i in range(3):
     np.testing.assert_allclose(logits[:, :, i], own, atol=1e-4)
   # non-zero heads differ from the teacher's head
-  _, rand = random_heads(model, 3)
+  _, rand = random_heads(model, 3, scale=1.0)
   assert not np.allclose(heads_lib.heads_logits(backbone, rand, hidden)[:, :, 0], own, atol=1e-2)
 
 
@@ -82,8 +91,8 @@ def test_target_weights_cover_generated_targets_only():
   np.testing.assert_array_equal(w[:, 1], [1, 1, 1, 1, 1, 0, 0, 0])
 
 
-def test_training_lowers_the_heads_loss(teacher):
-  model, params = teacher
+def test_training_lowers_the_heads_loss(sampler):
+  model, params = sampler
   config = tiny_config()
   hc = config.compare.heads
   layout = sharding.single_device_layout()
@@ -160,8 +169,8 @@ def test_verified_decoding_is_the_ragged_ar_sample(teacher, k):
   assert needed <= gained < needed + BATCH * k
   assert float(out['mean_tokens_per_iteration']) == pytest.approx(gained / hist.sum(), rel=1e-6)
   assert int(out['iterations']) >= hist.sum() / BATCH
-  assert hist[1:].sum() > 0, 'no draft was ever accepted: the test does not exercise acceptance'
-  assert hist[0] > 0
+  assert np.all(hist > 0), f'some accepted length 0..{k - 1} never happened: {hist}'
+  assert float(out['mean_tokens_per_iteration']) > 1.3
 
 
 @pytest.mark.slow
@@ -194,3 +203,11 @@ def test_run_end_to_end_and_load(tiny_data_config, tmp_path):
   assert rundir.export_meta(directory)['kind'] == 'heads'
   again = heads_lib.run(config, workdir, 2)  # skips: eval.json exists
   assert again == result
+  # the saved pool is reused, and refused for another teacher
+  teacher = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config)
+  pool = heads_lib.load_or_sample_pool(config, directory, teacher.model, teacher.params, layout,
+                                       None)
+  assert pool.shape == (16, 16)
+  other = jax.tree.map(lambda x: x + 1.0, teacher.params)
+  with pytest.raises(ValueError, match='different teacher'):
+    heads_lib.load_or_sample_pool(config, directory, teacher.model, other, layout, None)

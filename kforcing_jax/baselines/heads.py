@@ -207,16 +207,24 @@ def sample_pool(config, teacher: FunctionalModel, teacher_params, layout: shardi
 def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
                         tokenizer) -> np.ndarray:
   """The pool saved in `out_dir` (a resumed run trains on the same samples), sampled and saved
-  when missing."""
+  when missing. A pool sampled from another teacher (it records the teacher's fingerprint)
+  means the whole directory is stale: refused, since its checkpoints would resume on it too."""
   path = epath.Path(out_dir) / POOL_FILE
   hc = config.compare.heads
+  fingerprint = provenance.params_fingerprint(teacher_params)
   if path.exists():
     with path.open('rb') as f:
-      pool = np.load(f)['tokens']
-    if pool.shape == (hc.pool_samples, hc.seq_len):
-      return pool
-    progress.log(f'[heads] {path} holds {pool.shape} samples, config asks for '
-                 f'{(hc.pool_samples, hc.seq_len)}: sampling again')
+      stored = np.load(f)
+      pool, made_from = stored['tokens'], str(stored['teacher'])
+    if made_from != fingerprint:
+      raise ValueError(f'{path} was sampled from a different teacher (fingerprint {made_from}, '
+                       f'the teacher now has {fingerprint}): delete {out_dir} to retrain these '
+                       'heads on the current teacher.')
+    if pool.shape != (hc.pool_samples, hc.seq_len):
+      raise ValueError(f'{path} holds {pool.shape} samples but compare.heads asks for '
+                       f'{(hc.pool_samples, hc.seq_len)}: use the original settings or delete '
+                       f'{out_dir}.')
+    return pool
   t0 = time.time()
   pool = sample_pool(config, teacher, teacher_params, layout, tokenizer)
   progress.log(f'[heads] sampled {pool.shape[0]} teacher completions of {pool.shape[1]} tokens '
@@ -224,7 +232,7 @@ def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('wb') as f:
-      np.savez(f, tokens=pool, prompt_len=config.decode.prefix_len)
+      np.savez(f, tokens=pool, prompt_len=config.decode.prefix_len, teacher=fingerprint)
   return pool
 
 
