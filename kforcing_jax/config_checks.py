@@ -148,6 +148,7 @@ def _model(config) -> None:
                 'pad_vocab_to_multiple_of'):
     _int_at_least(config, f'model.{field}', 1)
   _int_at_least(config, 'model.mask_id', 0)
+  _int_at_least(config, 'model.num_kv_heads', 0, ' (0 = num_heads)')
   # the architecture's own rules (heads divide d_model, even head dim, mask id, cdf_order,
   # remat, noise_scale): the one place that builds models states them
   models.backbone_config(config.model)

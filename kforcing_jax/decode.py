@@ -40,7 +40,7 @@ def position_uniforms(key: jax.Array, positions: jax.Array, batch: int) -> jax.A
 
 def init_cache(backbone_cfg, batch: int, length: int):
   """Per-layer (k, v), each head-major (B, H, length, Dh) in the compute dtype."""
-  shape = (batch, backbone_cfg.num_heads, length, backbone_cfg.head_dim)
+  shape = (batch, backbone_cfg.kv_heads, length, backbone_cfg.head_dim)
   zeros = lambda: sharding.constrain(  # noqa: E731
       jnp.zeros(shape, backbone_cfg.compute_dtype), CACHE_AXES)
   return [(zeros(), zeros()) for _ in range(backbone_cfg.num_layers)]

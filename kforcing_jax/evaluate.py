@@ -126,6 +126,7 @@ def evaluator_config(config):
   out.model.d_model = int(spec.d_model)
   out.model.num_layers = int(spec.num_layers)
   out.model.num_heads = int(spec.num_heads)
+  out.model.num_kv_heads = 0  # its own heads, multi-head
   out.train.steps = int(spec.steps)
   out.train.warmup_steps = min(int(config.train.warmup_steps), int(spec.steps) // 10)
   return out

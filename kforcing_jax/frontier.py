@@ -187,13 +187,14 @@ def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hi
   lossless.py's loop, which it does not cover."""
   cfg = model.cfg
   d, f, v, layers = cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.num_layers
+  dkv = cfg.kv_heads * cfg.head_dim  # K/V width: d, or less under grouped-query attention
   act = jnp.dtype(cfg.compute_dtype).itemsize
   blocks = -(-v // sampling.CDF_BLOCK)
-  flops_row = (layers * slots * (8 * d * d + 4 * d * f + 4 * d * (cache_len + slots))
+  flops_row = (layers * slots * (4 * d * (d + dkv) + 4 * d * f + 4 * d * (cache_len + slots))
                + logit_rows * 2 * d * v + hints * 20 * d * d
                + sampled_rows * (2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks))
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes)) - v * d
-  bytes_row = (layers * 2 * d * act * (cache_len + tokens) + tokens * d * 4
+  bytes_row = (layers * 2 * dkv * act * (cache_len + tokens) + tokens * d * 4
                + 2 * logit_rows * v * 4 + penalty_rows * 2 * v * 4)
   return {'flops': float(batch * flops_row), 'bytes': float(4 * weights + batch * bytes_row)}
 

@@ -36,7 +36,7 @@ def write_rows(buffer: jax.Array, values: jax.Array, starts: jax.Array) -> jax.A
 
 def init_cache(backbone_cfg, batch: int, length: int):
   """Per-layer (k, v), head-major (B, H, length, Dh): the layout window_attention reads."""
-  shape = (batch, backbone_cfg.num_heads, length, backbone_cfg.head_dim)
+  shape = (batch, backbone_cfg.kv_heads, length, backbone_cfg.head_dim)
   return [(jnp.zeros(shape, backbone_cfg.compute_dtype),
            jnp.zeros(shape, backbone_cfg.compute_dtype)) for _ in range(backbone_cfg.num_layers)]
 

@@ -149,13 +149,14 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
   """
   cfg = model.cfg
   d, f, v, layers = cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.num_layers
+  dkv = cfg.kv_heads * cfg.head_dim  # K/V width: d, or less under grouped-query attention
   act = jnp.dtype(cfg.compute_dtype).itemsize
   ar = model.kind == 'ar'
   if ar:
     slots, new_tokens, rows, hints, cache_len = 1, 1, 1, 0, gen_len
   else:
     slots, new_tokens, rows, hints, cache_len = 2 * k, k, k, k, gen_len + k
-  per_slot_layer = 8 * d * d + 4 * d * f + 4 * d * (cache_len + slots)
+  per_slot_layer = 4 * d * (d + dkv) + 4 * d * f + 4 * d * (cache_len + slots)
   flops_row = layers * slots * per_slot_layer + rows * 2 * d * v + hints * 20 * d * d
   if ar:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
     blocks = -(-v // sampling.CDF_BLOCK)
@@ -163,7 +164,7 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes))
   weights -= v * d  # the embedding table: only the gathered rows are read
   weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)
-  bytes_row = (layers * 2 * d * act * (cache_len + new_tokens) + new_tokens * d * 4
+  bytes_row = (layers * 2 * dkv * act * (cache_len + new_tokens) + new_tokens * d * 4
                + 2 * rows * v * 4 + (0 if ar else 2 * k * v * 4))
   return {'flops': float(batch * flops_row), 'bytes': float(weight_bytes + batch * bytes_row)}
 

@@ -33,6 +33,10 @@ def backbone_config(model_cfg) -> BackboneConfig:
   if not 0 <= model_cfg.mask_id < model_cfg.vocab_size:
     raise ValueError(f'model.mask_id={model_cfg.mask_id} is outside the vocabulary '
                      f'(vocab_size={model_cfg.vocab_size}).')
+  kv_heads = int(model_cfg.get('num_kv_heads', 0))
+  if kv_heads < 0 or (kv_heads and model_cfg.num_heads % kv_heads):
+    raise ValueError(f'model.num_kv_heads={kv_heads} must divide model.num_heads='
+                     f'{model_cfg.num_heads} (0 = num_heads: multi-head attention).')
   cdf_order = model_cfg.get('cdf_order', 'id')
   if cdf_order not in CDF_ORDERS:
     raise ValueError(f'model.cdf_order={cdf_order!r}; expected one of {CDF_ORDERS}.')
@@ -48,7 +52,9 @@ def backbone_config(model_cfg) -> BackboneConfig:
   return BackboneConfig(vocab_size=padded, num_real_tokens=model_cfg.vocab_size,
                         mask_id=model_cfg.mask_id, d_model=model_cfg.d_model,
                         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
-                        mlp_ratio=model_cfg.get('mlp_ratio', 4), dtype=model_cfg.dtype,
+                        mlp_ratio=model_cfg.get('mlp_ratio', 4),
+                        num_kv_heads=0 if kv_heads == model_cfg.num_heads else kv_heads,
+                        dtype=model_cfg.dtype,
                         remat=remat, cdf_order=cdf_order, noise_scale=noise_scale,
                         readout=readout)
 
@@ -117,7 +123,12 @@ def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int, dtype: str =
   try:
     rows, d_model = shapes['embed']
     blocks = shapes['blocks']
-    _, _, heads, _ = blocks['0']['qkv']
+    if 'qkv' in blocks['0']:
+      _, _, heads, _ = blocks['0']['qkv']
+      kv_heads = 0
+    else:  # grouped-query attention
+      _, heads, _ = blocks['0']['q']
+      _, _, kv_heads, _ = blocks['0']['kv']
     mlp = blocks['0']['mlp_in'][1]
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f'not a backbone parameter tree of this project (missing or odd tensor '
@@ -127,6 +138,7 @@ def config_from_shapes(shapes: dict, vocab_size: int, mask_id: int, dtype: str =
                      f'{vocab_size} ids: it was trained with another tokenizer.')
   return BackboneConfig(vocab_size=rows, num_real_tokens=vocab_size, mask_id=mask_id,
                         d_model=d_model, num_layers=len(blocks), num_heads=heads,
+                        num_kv_heads=kv_heads,
                         mlp_ratio=mlp // d_model, dtype=dtype, **recorded)
 
 

@@ -40,8 +40,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
   return rotated.astype(x.dtype)
 
 
+def grouped(q: jax.Array, kv_heads: int) -> jax.Array:
+  """q (..., H, Dh) -> (..., Hkv, G, Dh), G = H / Hkv: under grouped-query attention query
+  head h attends with K/V head h // G."""
+  return q.reshape(q.shape[:-2] + (kv_heads, q.shape[-2] // kv_heads, q.shape[-1]))
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Causal self-attention. q, k, v: (B, S, H, Dh) -> (B, S, H, Dh)."""
+  """Causal self-attention. q: (B, S, H, Dh), k, v: (B, S, Hkv, Dh) with Hkv dividing H
+  (Hkv < H: grouped-query attention) -> (B, S, H, Dh)."""
+  if k.shape[-2] != q.shape[-2]:
+    return _grouped_causal_attention(q, k, v)
   scale = q.shape[-1] ** -0.5
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   s = q.shape[1]
@@ -49,6 +58,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   scores = jnp.where(causal, scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def _grouped_causal_attention(q, k, v):
+  scale = q.shape[-1] ** -0.5
+  qg = grouped(q, k.shape[-2])
+  scores = jnp.einsum('bqhgd,bkhd->bhgqk', qg, k, preferred_element_type=jnp.float32) * scale
+  s = q.shape[1]
+  scores = jnp.where(jnp.tril(jnp.ones((s, s), dtype=bool)), scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhgqk,bkhd->bqhgd', probs, v).reshape(q.shape)
 
 
 def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -61,8 +80,11 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     so the batched matmuls read them in place (a (B, S, H, Dh) cache gets transposed by XLA
     on every decode step: 6x slower attention at batch 64 on CPU).
   ctx_len: int array broadcastable to (B, T): window t sees context keys s < ctx_len.
-  Returns (B, T, W, H, Dh).
+  Returns (B, T, W, H, Dh). Grouped-query attention: k, v (B, T, W, Hkv, Dh) and ctx_k,
+  ctx_v (B, Hkv, S, Dh) with Hkv dividing H (each K/V head serves H / Hkv query heads).
   """
+  if k.shape[-2] != q.shape[-2]:
+    return _grouped_window_attention(q, k, v, ctx_k, ctx_v, ctx_len)
   scale = q.shape[-1] ** -0.5
   num_ctx = ctx_k.shape[2]
   width = q.shape[2]
@@ -79,3 +101,26 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   ctx_probs, own_probs = probs[..., :num_ctx], probs[..., num_ctx:]
   return (jnp.einsum('bhtws,bhsd->btwhd', ctx_probs, ctx_v)
           + jnp.einsum('bhtwx,btxhd->btwhd', own_probs, v))
+
+
+def _grouped_window_attention(q, k, v, ctx_k, ctx_v, ctx_len):
+  """window_attention with Hkv < H: the query heads of a group share one K/V head (einsums
+  over (Hkv, G), so the cache is read once per K/V head, never repeated to H heads)."""
+  scale = q.shape[-1] ** -0.5
+  qg = grouped(q, k.shape[-2])
+  num_ctx = ctx_k.shape[2]
+  width = q.shape[2]
+  ctx_scores = jnp.einsum('btwhgd,bhsd->bhgtws', qg, ctx_k,
+                          preferred_element_type=jnp.float32) * scale
+  visible = (jnp.arange(num_ctx)
+             < jnp.broadcast_to(ctx_len, q.shape[:2])[:, None, None, :, None, None])
+  ctx_scores = jnp.where(visible, ctx_scores, NEG_INF)
+  own_scores = jnp.einsum('btwhgd,btxhd->bhgtwx', qg, k,
+                          preferred_element_type=jnp.float32) * scale
+  own_scores = jnp.where(jnp.tril(jnp.ones((width, width), dtype=bool)), own_scores, NEG_INF)
+  probs = jax.nn.softmax(jnp.concatenate([ctx_scores, own_scores], axis=-1), axis=-1)
+  probs = probs.astype(v.dtype)
+  ctx_probs, own_probs = probs[..., :num_ctx], probs[..., num_ctx:]
+  out = (jnp.einsum('bhgtws,bhsd->btwhgd', ctx_probs, ctx_v)
+         + jnp.einsum('bhgtwx,btxhd->btwhgd', own_probs, v))
+  return out.reshape(q.shape)

@@ -7,6 +7,9 @@ inside pure jitted functions via `nnx.merge(graphdef, params)`.
 Layouts (chosen so sharding and the PyTorch converter are both simple):
   embed        (V, D)           ('vocab', 'embed')
   qkv          (D, 3, H, Dh)    ('embed', None, 'heads', 'head_dim')   Q|K|V, head-major
+  (grouped-query attention, num_kv_heads = Hkv < H, instead of qkv:)
+  q            (D, H, Dh)       ('embed', 'heads', 'head_dim')
+  kv           (D, 2, Hkv, Dh)  ('embed', None, 'heads', 'head_dim')   K|V; the cache is Hkv wide
   attn_out     (H, Dh, D)       ('heads', 'head_dim', 'embed')
   mlp_in       (D, 4D) + bias   ('embed', 'mlp')
   mlp_out      (4D, D) + bias   ('mlp', 'embed')
@@ -46,6 +49,9 @@ class BackboneConfig:
   num_layers: int
   num_heads: int
   mlp_ratio: int = 4
+  # grouped-query attention: K/V heads, each shared by num_heads / num_kv_heads query heads
+  # (0 = num_heads: multi-head attention, the paper's and the released checkpoints')
+  num_kv_heads: int = 0
   rope_base: float = 10000.0
   dtype: str = 'float32'   # compute dtype; parameters stay float32
   remat: str = 'none'      # a REMAT_POLICIES key; changes memory and FLOPs, never the values
@@ -61,6 +67,11 @@ class BackboneConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """K/V heads: num_kv_heads, or num_heads when that is 0."""
+    return self.num_kv_heads or self.num_heads
 
   @property
   def compute_dtype(self):
@@ -101,7 +112,12 @@ class Block(nnx.Module):
     d, h, dh, f = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_ratio * cfg.d_model
     self.cfg = cfg
     self.norm1 = nnx.Param(jnp.ones((d,)), logical_axes=('embed',))
-    self.qkv = _param(rngs, (d, 3, h, dh), d ** -0.5, ('embed', None, 'heads', 'head_dim'))
+    if cfg.kv_heads == h:
+      self.qkv = _param(rngs, (d, 3, h, dh), d ** -0.5, ('embed', None, 'heads', 'head_dim'))
+    else:
+      self.q = _param(rngs, (d, h, dh), d ** -0.5, ('embed', 'heads', 'head_dim'))
+      self.kv = _param(rngs, (d, 2, cfg.kv_heads, dh), d ** -0.5,
+                       ('embed', None, 'heads', 'head_dim'))
     self.attn_out = _param(rngs, (h, dh, d), d ** -0.5 / (2 * cfg.num_layers) ** 0.5,
                            ('heads', 'head_dim', 'embed'))
     self.norm2 = nnx.Param(jnp.ones((d,)), logical_axes=('embed',))
@@ -114,10 +130,15 @@ class Block(nnx.Module):
     return p[...].astype(self.cfg.compute_dtype)
 
   def project_qkv(self, x, positions):
-    """x: (..., D) -> q, k, v each (..., H, Dh), RoPE applied to q and k."""
+    """x: (..., D) -> q (..., H, Dh), k and v (..., Hkv, Dh), RoPE applied to q and k."""
     h = layer_norm(x, self.norm1[...])
-    qkv = jnp.einsum('...d,dzhe->...zhe', h, self._cast(self.qkv))
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    if self.cfg.kv_heads == self.cfg.num_heads:
+      qkv = jnp.einsum('...d,dzhe->...zhe', h, self._cast(self.qkv))
+      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    else:
+      q = jnp.einsum('...d,dhe->...he', h, self._cast(self.q))
+      kv = jnp.einsum('...d,dzhe->...zhe', h, self._cast(self.kv))
+      k, v = kv[..., 0, :, :], kv[..., 1, :, :]
     q = attention.apply_rope(q, positions, self.cfg.rope_base)
     k = attention.apply_rope(k, positions, self.cfg.rope_base)
     return q, k, v
