@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.d_model = 256
   c.model.num_layers = 4
   c.model.num_heads = 4
+  # grouped-query attention: K/V heads shared by num_heads / num_kv_heads query heads each
+  # (0 = num_heads: multi-head attention, the paper's)
+  c.model.num_kv_heads = 0
   c.model.mlp_ratio = 4
   c.model.dtype = 'float32'          # compute dtype: float32 | bfloat16 (params stay float32)
   c.model.remat = 'none'             # training forwards: none | full | dots (models/backbone.py)
@@ -164,7 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
   # teacher's architecture with bidirectional attention, trained on the corpus
   c.compare.mdlm = ml_collections.ConfigDict()
   c.compare.mdlm.seed = 4
-  c.compare.mdlm.init = 'scratch'    # scratch | teacher (start from the AR teacher's weights)
+  c.compare.mdlm.init = 'scratch'    # scratch | from_teacher (start from the AR teacher's weights)
   c.compare.mdlm.batch_size = 32
   c.compare.mdlm.learning_rate = 3e-3
   c.compare.mdlm.warmup_steps = 30

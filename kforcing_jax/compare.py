@@ -90,6 +90,7 @@ def draft_config(config):
   out.model.d_model = int(spec.d_model)
   out.model.num_layers = int(spec.num_layers)
   out.model.num_heads = int(spec.num_heads)
+  out.model.num_kv_heads = 0  # its own heads, multi-head
   out.train.batch_size = int(spec.batch_size)
   out.train.steps = budgets(config)['draft']['steps']
   out.train.warmup_steps = min(int(config.train.warmup_steps), out.train.steps // 10)

@@ -82,10 +82,11 @@ RESUME_FREE_FIELDS = frozenset({'log_every', 'eval_every', 'eval_batches', 'chec
                                 'keep_checkpoints', 'profile_steps'})
 # The config sections a loop's steps read, by its checkpoint meta's kind: the teacher (and the
 # evaluator) read train.*, a stage distill.* (its teacher's train.* is checked through the
-# teacher's fingerprint instead); the compared methods' loops (baselines/) read compare.*. A
-# loop of another kind is held to train.* and distill.*.
-_SECTIONS = {'ar': ('train',), 'pflm': ('distill',), 'heads': ('compare',),
-             'mdlm': ('compare',)}
+# teacher's fingerprint instead); the compared methods' loops (baselines/) read compare.* and
+# the optimizer fields of distill.* (heads) or train.* (the diffusion LM). A loop of another
+# kind is held to train.* and distill.*.
+_SECTIONS = {'ar': ('train',), 'pflm': ('distill',), 'heads': ('compare', 'distill'),
+             'mdlm': ('compare', 'train')}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -178,7 +178,7 @@ def test_run_from_the_teacher_end_to_end(tiny_data_config, tmp_path, monkeypatch
   config.train.steps = 10
   config.train.eval_every = 10
   config.train.checkpoint_every = 5
-  config.compare.mdlm.init = 'teacher'
+  config.compare.mdlm.init = 'from_teacher'
   config.compare.mdlm.steps = 8
   config.compare.mdlm.batch_size = 8
   workdir = str(tmp_path)
@@ -186,7 +186,7 @@ def test_run_from_the_teacher_end_to_end(tiny_data_config, tmp_path, monkeypatch
   result = mdlm.run(config, workdir)
   out_dir = rundir.baseline_dir(workdir, 'mdlm')
   stored = json.loads(open(rundir.eval_path(out_dir)).read())
-  assert stored['train_steps'] == 8 and stored['init'] == 'teacher'
+  assert stored['train_steps'] == 8 and stored['init'] == 'from_teacher'
   assert stored['train_tokens'] == 8 * 8 * config.data.seq_len
   for key in ('val_elbo_nll', 'val_ppl_bound', 'val_masked_acc_0.15', 'val_masked_acc_0.5',
               'val_masked_acc_0.9', 'seconds'):
@@ -194,7 +194,7 @@ def test_run_from_the_teacher_end_to_end(tiny_data_config, tmp_path, monkeypatch
   layout = sharding.single_device_layout()
   tokenizer = data.load_tokenizer(config)
   export = rundir.load_export(out_dir, layout, kind='ar', tokenizer=tokenizer)
-  assert export.meta['kind'] == 'mdlm' and export.meta['init'] == 'teacher'
+  assert export.meta['kind'] == 'mdlm' and export.meta['init'] == 'from_teacher'
   ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar')
   assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
              for a, b in zip(jax.tree.leaves(export.params), jax.tree.leaves(ar.params)))
@@ -209,6 +209,6 @@ def test_run_from_the_teacher_end_to_end(tiny_data_config, tmp_path, monkeypatch
   assert scratch['init'] == 'scratch' and scratch['train_steps'] == 2
   # done: a second call reads eval.json and trains nothing
   monkeypatch.setattr(loop, 'run', lambda *a, **k: pytest.fail('retrained'))
-  config.compare.mdlm.init = 'teacher'
+  config.compare.mdlm.init = 'from_teacher'
   config.compare.mdlm.steps = 8
   assert mdlm.run(config, workdir) == result

@@ -38,8 +38,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from kforcing_jax import checkpoints, data, decode, distill, lossless, loop, progress, provenance
-from kforcing_jax import ragged, rundir, sampling, sharding, train_state
+from kforcing_jax import checkpoints, compare, data, decode, lossless, loop, progress
+from kforcing_jax import provenance, ragged, rundir, sampling, sharding, train_state
 from kforcing_jax.models import FunctionalModel
 from kforcing_jax.models.backbone import BackboneConfig
 
@@ -156,13 +156,9 @@ def optimizer_config(config) -> ml_collections.ConfigDict:
 
 
 def budget_steps(config) -> int:
-  """compare.heads.steps, or (0) the distillation's token budget at the heads' batch shape."""
-  hc = config.compare.heads
-  if hc.steps:
-    return int(hc.steps)
-  dc = config.distill
-  tokens = sum(steps for _, steps in dc.stages) * dc.batch_size * distill.stage_seq_len(config)
-  return max(1, tokens // (hc.batch_size * hc.seq_len))
+  """compare.heads.steps, or (0) the distillation's token budget at the heads' batch shape
+  (the rule of compare.budgets, the one place budgets are set)."""
+  return compare.budgets(config)['heads']['steps']
 
 
 def train_program(config, layout: sharding.Layout, teacher: FunctionalModel, k: int,
@@ -215,7 +211,7 @@ def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
   if path.exists():
     with path.open('rb') as f:
       stored = np.load(f)
-      pool, made_from = stored['tokens'], str(stored['teacher'])
+      pool, made_from = stored['tokens'], str(stored['teacher_fingerprint'])
     if made_from != fingerprint:
       raise ValueError(f'{path} was sampled from a different teacher (fingerprint {made_from}, '
                        f'the teacher now has {fingerprint}): delete {out_dir} to retrain these '
@@ -232,7 +228,7 @@ def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('wb') as f:
-      np.savez(f, tokens=pool, prompt_len=config.decode.prefix_len, teacher=fingerprint)
+      np.savez(f, tokens=pool, prompt_len=config.decode.prefix_len, teacher_fingerprint=fingerprint)
   return pool
 
 

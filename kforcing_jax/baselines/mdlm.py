@@ -3,7 +3,7 @@
 The denoiser is the AR teacher's architecture and parameter tree (a Backbone) run with
 bidirectional attention: `denoiser_logits` reuses the Backbone's blocks (project_qkv, finish)
 and its output head around a full softmax, so an export is exactly a Backbone tree that
-`rundir.load_export(..., kind='ar')` loads, and init 'teacher' starts from the AR weights.
+`rundir.load_export(..., kind='ar')` loads, and init 'from_teacher' starts from the AR weights.
 
 There is no time conditioning: with the absorbing (mask) state, the posterior of a masked
 token given the partially masked sequence does not depend on t (MDLM, Sahoo et al. 2024,
@@ -26,15 +26,14 @@ is a uniform permutation.
 `run(config, workdir)` trains (resumable) in rundir.baseline_dir(workdir, 'mdlm').
 """
 
-import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import checkpoints, data, decode, distill, distributed, loop, models, progress
-from kforcing_jax import provenance, rundir, sampling, sharding, train_state
+from kforcing_jax import checkpoints, compare, data, decode, distributed, loop, models
+from kforcing_jax import progress, provenance, rundir, sampling, sharding, train_state
 from kforcing_jax.models import FunctionalModel
 from kforcing_jax.models.attention import NEG_INF
 from kforcing_jax.models.backbone import rematerialized
@@ -126,14 +125,9 @@ def mdlm_loss(model: FunctionalModel, params, batch):
 
 
 def training_steps(config) -> int:
-  """compare.mdlm.steps, or (0) the teacher's + the distillation's tokens at mdlm's batch."""
-  mc = config.compare.mdlm
-  if mc.steps:
-    return int(mc.steps)
-  tokens = config.train.steps * config.train.batch_size * config.data.seq_len
-  stage_steps = sum(steps for _, steps in distill.validate_schedule(config.distill.stages))
-  tokens += stage_steps * config.distill.batch_size * distill.stage_seq_len(config)
-  return max(1, math.ceil(tokens / (mc.batch_size * config.data.seq_len)))
+  """compare.mdlm.steps, or (0) the teacher's + the distillation's tokens at mdlm's batch
+  (the rule of compare.budgets, the one place budgets are set)."""
+  return compare.budgets(config)['mdlm']['steps']
 
 
 def optimizer_config(config):
@@ -206,8 +200,8 @@ def run(config, workdir: str) -> dict:
   """Train (or resume) the MDLM baseline; returns the eval.json contents. Skipped when
   eval.json exists."""
   mc = config.compare.mdlm
-  if mc.init not in ('scratch', 'teacher'):
-    raise ValueError(f"compare.mdlm.init={mc.init!r}; expected 'scratch' or 'teacher'.")
+  if mc.init not in ('scratch', 'from_teacher'):
+    raise ValueError(f"compare.mdlm.init={mc.init!r}; expected 'scratch' or 'from_teacher'.")
   out_dir = rundir.baseline_dir(workdir, NAME)
   done = progress.read_json(rundir.eval_path(out_dir))
   if done is not None:
@@ -223,7 +217,7 @@ def run(config, workdir: str) -> dict:
   model = program.model
   n_params = model.num_params()
   made_from = {}
-  if mc.init == 'teacher':
+  if mc.init == 'from_teacher':
     teacher = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
                                  tokenizer=tokenizer)
     made_from = {provenance.TEACHER_KEY: provenance.params_fingerprint(teacher.params)}
