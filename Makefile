@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo quality test test-fast venv clean-venv compile-tpu vocab
+.PHONY: demo quality compare test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -26,6 +26,11 @@ demo: venv
 # the same pipeline trained longer (configs/shakespeare_quality.py; ~2 h on 2 vCPUs)
 quality: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality.py --workdir=runs/quality
+
+# K-Forcing beside speculative decoding, independent heads and a masked diffusion LM, trained on
+# the demo's corpus and teacher and timed in one process (README "Compared with"; resumable)
+compare: venv
+	$(PY) -m kforcing_jax.main.compare --config=$(CONFIG) --workdir=$(WORKDIR) --output=results/compare
 
 test: venv
 	$(PY) -m pytest -q tests

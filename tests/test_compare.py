@@ -1,11 +1,18 @@
 """The comparison harness (kforcing_jax/compare.py): budgets, settings, passes per token, the
 table and plot, and every method's decoder on tiny models against its own loop."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from configs import shakespeare_tiny, test_tiny
 from kforcing_jax import compare, distill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_budgets_give_each_baseline_the_distillations_tokens():
@@ -93,3 +100,43 @@ def test_distill_token_rule_uses_the_stage_windows():
   c = test_tiny.get_config()
   c.distill.seq_len = 16
   assert compare.distill_tokens(c) == 60 * 8 * distill.stage_seq_len(c) == 60 * 8 * 16
+
+
+@pytest.mark.slow
+def test_make_compare_end_to_end(tmp_path, tiny_data_config):
+  """The command on the tiny config, from nothing: the run, every baseline, the measurement.
+  The lossless-by-construction methods decode exactly the AR teacher's rows; a second call
+  reuses everything (trained models, measured batch sizes)."""
+  workdir, output = tmp_path / 'run', tmp_path / 'out'
+  args = ['kforcing_jax.main.compare', '--config=configs/test_tiny.py',
+          f'--config.data.data_dir={tiny_data_config.data.data_dir}', f'--workdir={workdir}',
+          f'--output={output}', '--config.eval.evaluator.steps=10',
+          '--config.compare.batch_sizes=(1, 2)', '--config.compare.prompts=2',
+          '--config.compare.draft.ks=(2,)', '--config.compare.heads.ks=(2,)',
+          '--config.compare.heads.pool_samples=32', '--config.compare.mdlm.denoising_steps=(4,)',
+          '--repeats=1,1']
+  out = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True,
+                       check=False, cwd=ROOT, timeout=900)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  result = json.loads((output / 'compare.json').read_text())
+  names = [r['name'] for r in result['methods']]
+  assert names == ['ar', 'kforcing_k2', 'kforcing_lossless_k2', 'kforcing_k4',
+                   'kforcing_lossless_k4', 'speculative_k2_rejection', 'speculative_k2_coupled',
+                   'heads_k2', 'heads_verified_k2', 'mdlm_T4']
+  by_name = {r['name']: r for r in result['methods']}
+  for name in ('ar', 'kforcing_lossless_k2', 'kforcing_lossless_k4', 'speculative_k2_coupled',
+               'heads_verified_k2'):
+    assert by_name[name]['quality']['rows_identical_to_ar'] == 2, name
+  for r in result['methods']:
+    assert [s['batch'] for s in r['speed']] == [1, 2]
+    assert all(s['speedup_vs_ar'] > 0 for s in r['speed'])
+  assert by_name['mdlm_T4']['passes_per_token']['full'] == pytest.approx(4 / 18)
+  assert by_name['speculative_k2_coupled']['passes_per_token']['small'] > 0
+  for f in ('COMPARE.md', 'compare.png', 'methods/mdlm_T4.json', 'partial/batch_2.json'):
+    assert (output / f).exists(), f
+  assert '| MDLM T=4 | no |' in (output / 'COMPARE.md').read_text()
+  again = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True,
+                         check=False, cwd=ROOT, timeout=600)
+  assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+  log = again.stdout + again.stderr
+  assert 'already trained' in log and 'measured before' in log
