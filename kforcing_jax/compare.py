@@ -84,16 +84,8 @@ def draft_config(config):
   """The config speculative decoding's draft model trains with (teacher.run, like the
   evaluator): the run's data, tokenizer and config.train optimizer, but config.compare.draft's
   seed, size, batch and its budget's steps."""
-  spec = config.compare.draft
-  out = config.copy_and_resolve_references()
-  out.seed = int(spec.seed)
-  out.model.d_model = int(spec.d_model)
-  out.model.num_layers = int(spec.num_layers)
-  out.model.num_heads = int(spec.num_heads)
-  out.model.num_kv_heads = 0  # its own heads, multi-head
-  out.train.batch_size = int(spec.batch_size)
-  out.train.steps = budgets(config)['draft']['steps']
-  out.train.warmup_steps = min(int(config.train.warmup_steps), out.train.steps // 10)
+  out = evaluate.small_ar_config(config, config.compare.draft, budgets(config)['draft']['steps'])
+  out.train.batch_size = int(config.compare.draft.batch_size)
   return out
 
 

@@ -117,19 +117,25 @@ def without_penalty(dec: decode.Decoder, export, layout, gen_len: int) -> decode
   return dataclasses.replace(plain, name=dec.name + report.NO_PENALTY_SUFFIX)
 
 
-def evaluator_config(config):
-  """The config the pipeline trains the independent evaluator with: the run's data, tokenizer
-  and config.train, but config.eval.evaluator's seed, size and steps."""
-  spec = config.eval.evaluator
+def small_ar_config(config, spec, steps: int):
+  """The run's config for a second AR model trained like the teacher (its data, tokenizer and
+  config.train optimizer) with `spec`'s seed and size (d_model, num_layers, num_heads;
+  multi-head attention) for `steps` steps: the evaluator, speculative decoding's draft."""
   out = config.copy_and_resolve_references()
   out.seed = int(spec.seed)
   out.model.d_model = int(spec.d_model)
   out.model.num_layers = int(spec.num_layers)
   out.model.num_heads = int(spec.num_heads)
-  out.model.num_kv_heads = 0  # its own heads, multi-head
-  out.train.steps = int(spec.steps)
-  out.train.warmup_steps = min(int(config.train.warmup_steps), int(spec.steps) // 10)
+  out.model.num_kv_heads = 0
+  out.train.steps = int(steps)
+  out.train.warmup_steps = min(int(config.train.warmup_steps), int(steps) // 10)
   return out
+
+
+def evaluator_config(config):
+  """The config the pipeline trains the independent evaluator with: the run's data, tokenizer
+  and config.train, but config.eval.evaluator's seed, size and steps."""
+  return small_ar_config(config, config.eval.evaluator, config.eval.evaluator.steps)
 
 
 def evaluator_workdir(config, workdir: str | None) -> str | None:
