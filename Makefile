@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo quality compare test test-fast venv clean-venv compile-tpu vocab
+.PHONY: demo quality compare sizes test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -31,6 +31,11 @@ quality: venv
 # the demo's corpus and teacher and timed in one process (README "Compared with"; resumable)
 compare: venv
 	$(PY) -m kforcing_jax.main.compare --config=$(CONFIG) --workdir=$(WORKDIR) --output=results/compare
+
+# the pipeline at three model sizes (9x parameters) and with multi-query attention, scored by
+# the demo's evaluator (configs/sizes.py; README "Across model sizes"; ~70 min, resumable)
+sizes: venv
+	$(PY) -m kforcing_jax.main.sizes --config=configs/sizes.py --workdir=$(WORKDIR) --output=results/sizes
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -10,6 +10,9 @@
     <workdir>/baselines/<name>/  a method K-Forcing is compared with (`make compare`): draft/
                                (speculative decoding's AR draft: its own teacher/ inside),
                                heads_k{K}/, mdlm/ (same files as a model directory)
+    <workdir>/sizes/<name>/    one size of the model-size sweep (`make sizes`): a whole run
+                               directory of its own (teacher/, student_k{K}/, report/); the
+                               sweep's shared evaluator is <workdir>/evaluator/
 
 A *model directory* is teacher/ or one student_k{K}/; its params/ is a params-only export and
 its config.json the run record training wrote (provenance.py). `load_export` is the one loader
@@ -39,6 +42,7 @@ from kforcing_jax import checkpoints, models, provenance, sharding
 TEACHER = 'teacher'
 EVALUATOR = 'evaluator'
 BASELINES = 'baselines'
+SIZES = 'sizes'
 STUDENT_PREFIX = 'student_k'
 _STUDENT_NAME = re.compile(rf'^{STUDENT_PREFIX}([1-9][0-9]*)$')
 
@@ -90,6 +94,11 @@ def baseline_dir(workdir: str, name: str) -> str:
   """<workdir>/baselines/<name>: the model directory (or, for the draft, the run directory) of
   one compared method (kforcing_jax/compare.py)."""
   return _join(workdir, BASELINES, name)
+
+
+def size_workdir(workdir: str, name: str) -> str:
+  """<workdir>/sizes/<name>: the run directory of one size of the sweep (kforcing_jax/sizes.py)."""
+  return _join(workdir, SIZES, name)
 
 
 def stage_k(directory: str) -> int | None:
