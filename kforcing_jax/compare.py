@@ -292,16 +292,6 @@ def record(method: Method, quality: dict, speed: list[dict], passes: dict, rows:
               speed=speed, passes_per_token=passes)
 
 
-def speed_rows(rows: list[dict], ar_rows: list[dict]) -> list[dict]:
-  """timing.measure_throughput rows of a method with its speed-up over the AR teacher's row
-  of the same batch (same rounds)."""
-  ar = {r['batch']: r for r in ar_rows}
-  return [dict(batch=r['batch'], tokens_per_s=r['tokens_per_s'], seconds=r['seconds'],
-               seconds_all=r['seconds_all'],
-               speedup_vs_ar=r['tokens_per_s'] / ar[r['batch']]['tokens_per_s'])
-          for r in rows]
-
-
 def _ci(value, ci, fmt: str) -> str:
   if value is None:
     return '-'

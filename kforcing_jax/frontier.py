@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax import decode, evaluate, lossless, report, roofline, sampling, speed_model
+from kforcing_jax import timing
 from kforcing_jax.timing import decode_steps
 
 FAMILIES = ('ar', 'lossy', 'adaptive', 'lossless', 'adaptive_lossless')
@@ -315,15 +316,12 @@ def speed_rows(setting: Setting, rows: list[dict], ar_rows: list[dict], measured
   per iteration (`mean_tokens[batch]`, the loop's own average; ragged families)."""
   ar_by_batch = {r['batch']: r for r in ar_rows}
   out = []
-  for row in rows:
+  for row, timed in zip(rows, timing.with_speedup(rows, ar_rows)):
     batch = row['batch']
     count = iterations(setting, 0, new_tokens, measured.get(batch))
     cost = evaluate.lossless_cost(row, ar_by_batch[batch], count, new_tokens, setting.k)
     out.append(dict(
-        batch=batch, tokens_per_s=row['tokens_per_s'], seconds=row['seconds'],
-        seconds_all=row['seconds_all'],
-        speedup_vs_ar=row['tokens_per_s'] / ar_by_batch[batch]['tokens_per_s'],
-        iterations=count, tokens_per_iteration=cost.tokens_per_iteration,
+        timed, iterations=count, tokens_per_iteration=cost.tokens_per_iteration,
         mean_tokens_per_iteration=mean_tokens.get(batch),
         iteration_in_ar_steps=cost.iteration_in_ar_steps,
         break_even_acceptance=(cost.break_even_acceptance if setting.family in VERIFIED

@@ -37,7 +37,7 @@ from typing import Any
 
 from etils import epath
 
-from kforcing_jax import checkpoints, models, provenance, sharding
+from kforcing_jax import checkpoints, models, progress, provenance, sharding
 
 TEACHER = 'teacher'
 EVALUATOR = 'evaluator'
@@ -79,6 +79,15 @@ def params_dir(directory: str) -> str:
 
 def eval_path(directory: str) -> str:
   return _join(directory, 'eval.json')
+
+
+def trained(directory: str, name: str) -> dict | None:
+  """The eval.json of a model directory whose training finished (logged as skipped), or None:
+  what lets every trainer skip itself when rerun."""
+  done = progress.read_json(eval_path(directory))
+  if done is not None:
+    progress.log(f'[{name}] already trained ({eval_path(directory)}); skipping')
+  return done
 
 
 def report_dir(workdir: str) -> str:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax import checkpoints, data, distributed, loop, metrics, models, progress, provenance
+from kforcing_jax import checkpoints, data, loop, metrics, models, progress, provenance
 from kforcing_jax import rundir, sharding, train_state
 from kforcing_jax.models import FunctionalModel
 
@@ -62,15 +62,12 @@ def run(config, workdir: str) -> dict:
   """Train (or resume) the teacher; returns the eval.json contents. Skipped when eval.json
   exists."""
   out_dir = rundir.teacher_dir(workdir)
-  done = progress.read_json(rundir.eval_path(out_dir))
+  done = rundir.trained(out_dir, rundir.TEACHER)
   if done is not None:
-    progress.log(f'[teacher] already trained ({rundir.eval_path(out_dir)}); skipping')
     return done
   t0 = time.time()
-  distributed.main_process_first('prepare data', lambda: data.prepare(config))
+  tokenizer = data.prepared_tokenizer(config)
   layout = sharding.layout_from_config(config)
-  tokenizer = data.load_tokenizer(config)
-  data.check_vocab(config, tokenizer)
   tc = config.train
   program = train_program(config, layout)
   model = program.model

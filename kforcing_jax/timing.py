@@ -76,6 +76,16 @@ def measure_throughput(decoders, prompts, key, batch_sizes, repeats: int, prefix
   return out
 
 
+def with_speedup(rows: list[dict], ar_rows: list[dict]) -> list[dict]:
+  """measure_throughput rows of one decoder with its speed-up over the AR teacher's row of
+  the same batch (timed in the same interleaved rounds)."""
+  ar = {r['batch']: r for r in ar_rows}
+  return [dict(batch=r['batch'], tokens_per_s=r['tokens_per_s'], seconds=r['seconds'],
+               seconds_all=r['seconds_all'],
+               speedup_vs_ar=r['tokens_per_s'] / ar[r['batch']]['tokens_per_s'])
+          for r in rows]
+
+
 def time_batches(decode_fn, rows: np.ndarray, batch_size: int, key, n_warmup: int):
   """Run `decode_fn(prompts, key)` over every batch of `rows`; batch b uses fold_in(key, b).
 

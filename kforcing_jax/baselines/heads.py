@@ -287,14 +287,13 @@ def run(config, workdir: str, k: int) -> dict:
   if k < 2:
     raise ValueError(f'k={k}: heads decode k >= 2 tokens per pass (k = 1 is the teacher).')
   out_dir = rundir.baseline_dir(workdir, dir_name(k))
-  done = progress.read_json(rundir.eval_path(out_dir))
+  done = rundir.trained(out_dir, f'heads k={k}')
   if done is not None:
-    progress.log(f'[heads k={k}] already trained ({rundir.eval_path(out_dir)}); skipping')
     return done
   t0 = time.time()
   hc = config.compare.heads
+  tokenizer = data.prepared_tokenizer(config)
   layout = sharding.layout_from_config(config)
-  tokenizer = data.load_tokenizer(config)
   teacher = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
                                tokenizer=tokenizer)
   steps = budget_steps(config)

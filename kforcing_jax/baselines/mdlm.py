@@ -203,15 +203,12 @@ def run(config, workdir: str) -> dict:
   if mc.init not in ('scratch', 'from_teacher'):
     raise ValueError(f"compare.mdlm.init={mc.init!r}; expected 'scratch' or 'from_teacher'.")
   out_dir = rundir.baseline_dir(workdir, NAME)
-  done = progress.read_json(rundir.eval_path(out_dir))
+  done = rundir.trained(out_dir, 'mdlm')
   if done is not None:
-    progress.log(f'[mdlm] already trained ({rundir.eval_path(out_dir)}); skipping')
     return done
   t0 = time.time()
-  distributed.main_process_first('prepare data', lambda: data.prepare(config))
+  tokenizer = data.prepared_tokenizer(config)
   layout = sharding.layout_from_config(config)
-  tokenizer = data.load_tokenizer(config)
-  data.check_vocab(config, tokenizer)
   steps = training_steps(config)
   program = train_program(config, layout, steps)
   model = program.model

@@ -12,7 +12,8 @@ from kforcing_jax.data.documents import open_documents
 from kforcing_jax.data.errors import DatasetMissingError
 from kforcing_jax.data.pipeline import (BatchSource, document_prefixes, global_batches,
                                         make_batch_source, unigram_perplexity, unigram_stats)
-from kforcing_jax.data.preparation import SplitSummary, format_summary, prepare
+from kforcing_jax.data.preparation import (SplitSummary, format_summary, prepare,
+                                          prepared_tokenizer)
 from kforcing_jax.data.tokenizers import Tokenizer, check_vocab, load_tokenizer
 
 __all__ = [

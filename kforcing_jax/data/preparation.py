@@ -17,7 +17,7 @@ import time
 import ml_collections
 import tensorflow_datasets as tfds
 
-from kforcing_jax import progress
+from kforcing_jax import distributed, progress
 from kforcing_jax.data import corpus, documents, pipeline, text_files
 from kforcing_jax.data import tokenizers as tokenizers_lib
 from kforcing_jax.data.errors import DatasetMissingError
@@ -142,3 +142,12 @@ def format_summary(summary: dict[str, SplitSummary]) -> str:
     if s.works is not None and split != 'train':
       lines.append(f'{split} works: {", ".join(s.works)}')
   return '\n'.join(lines)
+
+
+def prepared_tokenizer(config: ml_collections.ConfigDict) -> tokenizers_lib.Tokenizer:
+  """What every trainer does first: the data prepared (process 0 first, a no-op when done),
+  then the tokenizer, checked against config.model's vocabulary."""
+  distributed.main_process_first('prepare data', lambda: prepare(config))
+  tokenizer = tokenizers_lib.load_tokenizer(config)
+  tokenizers_lib.check_vocab(config, tokenizer)
+  return tokenizer

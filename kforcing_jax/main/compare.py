@@ -165,8 +165,8 @@ def measure(config, workdir: str, output: str, repeats: list[int]) -> dict:
                                prefix_len, tokenizer)
     if m.family == 'ar':
       ar_quality = quality
-    speed_rows = compare.speed_rows([done[b]['speed'][m.name] for b in batch_sizes],
-                                    [done[b]['speed']['ar'] for b in batch_sizes])
+    speed_rows = timing.with_speedup([done[b]['speed'][m.name] for b in batch_sizes],
+                                      [done[b]['speed']['ar'] for b in batch_sizes])
     iters = done[largest]['iterations'][m.name]
     passes = compare.passes_per_token(m, new_tokens, {'iterations': iters})
     identical = int(np.all(samples[m.name] == ar_samples, axis=1).sum())
