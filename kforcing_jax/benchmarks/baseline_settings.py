@@ -52,9 +52,9 @@ def heads_settings(config, teacher_dir: str) -> list[dict]:
       arm.compare.heads.pool_samples = pool
       progress.log(f'\n=== heads k=2: {name} ===')
       done = heads.run(arm, arm_workdir(_SCRATCH.value, name, teacher_dir), 2)
-      rows.append(dict(setting=name, learning_rate=lr, pool_samples=pool,
+      rows.append(dict(done, setting=name, learning_rate=lr, pool_samples=pool,
                        default=(lr == config.compare.heads.learning_rate
-                                and pool == config.compare.heads.pool_samples), **done))
+                                and pool == config.compare.heads.pool_samples)))
       progress.log(f'[baseline_settings] {name}: held-out loss {done["val_loss_1"]:.3f}, '
                    f'top-1 {done["val_acc_1"]:.4f}')
   return rows
@@ -69,7 +69,7 @@ def mdlm_settings(config, teacher_dir: str) -> list[dict]:
     arm.compare.mdlm.steps = _STEPS.value
     progress.log(f'\n=== mdlm: {name} ===')
     done = mdlm.run(arm, arm_workdir(_SCRATCH.value, name, teacher_dir))
-    rows.append(dict(setting=name, init=init, default=init == config.compare.mdlm.init, **done))
+    rows.append(dict(done, setting=name, init=init, default=init == config.compare.mdlm.init))
     progress.log(f'[baseline_settings] {name}: ELBO ppl bound {done["val_ppl_bound"]:.1f}')
   return rows
 

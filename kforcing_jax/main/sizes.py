@@ -44,8 +44,9 @@ def run(config, workdir: str) -> None:
     teacher.run(sized, directory)
     distill.run(sized, directory)
     evaluate.run(sized, directory, config_name=f'{cli.config_file()} size {name}')
+  # per-model wall times are in each row (teacher, stages); a resumed sweep's own duration
+  # would not be the pipelines' cost, so it is only logged
   result = sizes.collect(config, workdir, names)
-  result['seconds'] = time.time() - t0
   if progress.is_main_process():
     output = _OUTPUT.value
     progress.write_json(os.path.join(output, 'sizes.json'), result)
