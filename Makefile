@@ -33,7 +33,7 @@ compare: venv
 	$(PY) -m kforcing_jax.main.compare --config=$(CONFIG) --workdir=$(WORKDIR) --output=results/compare
 
 # the pipeline at three model sizes (9x parameters) and with multi-query attention, scored by
-# the demo's evaluator (configs/sizes.py; README "Across model sizes"; ~70 min, resumable)
+# the demo's evaluator (configs/sizes.py; README "Across model sizes"; ~80 min alone, resumable)
 sizes: venv
 	$(PY) -m kforcing_jax.main.sizes --config=configs/sizes.py --workdir=$(WORKDIR) --output=results/sizes
 
