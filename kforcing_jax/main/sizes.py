@@ -33,8 +33,7 @@ def run(config, workdir: str) -> None:
   distributed.main_process_first('prepare data', lambda: data.prepare(config))
   progress.log('\n=== sizes: the shared independent evaluator ===')
   evaluate.train_evaluator(config, workdir)
-  evaluator = rundir.evaluator_workdir(workdir) if not config.eval.evaluator_workdir else (
-      config.eval.evaluator_workdir)
+  evaluator = config.eval.evaluator_workdir or rundir.evaluator_workdir(workdir)
   for i, name in enumerate(names):
     sized = sizes.size_config(config, name, evaluator)
     directory = rundir.size_workdir(workdir, name)
