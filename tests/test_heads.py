@@ -208,6 +208,17 @@ def test_run_end_to_end_and_load(tiny_data_config, tmp_path):
   pool = heads_lib.load_or_sample_pool(config, directory, teacher.model, teacher.params, layout,
                                        None)
   assert pool.shape == (16, 16)
+  np.testing.assert_array_equal(heads_lib.read_pool(directory), pool)
   other = jax.tree.map(lambda x: x + 1.0, teacher.params)
   with pytest.raises(ValueError, match='different teacher'):
     heads_lib.load_or_sample_pool(config, directory, teacher.model, other, layout, None)
+  # a smaller pool is the prefix of a larger one (benchmarks/baseline_settings scores every
+  # pool size on the largest pool's held-out rows, outside all of their training rows)
+  pools = {}
+  for n in (heads_lib.POOL_CHUNK + 3, 2 * heads_lib.POOL_CHUNK + 5):
+    hc.pool_samples = n
+    pools[n] = heads_lib.sample_pool(config, teacher.model, teacher.params, layout)
+  small, large = sorted(pools)
+  np.testing.assert_array_equal(pools[large][:small], pools[small])
+  chunk = heads_lib.POOL_CHUNK  # each chunk its own prompts and noise: no repeated samples
+  assert not np.array_equal(pools[large][chunk:2 * chunk], pools[large][:chunk])

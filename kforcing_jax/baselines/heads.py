@@ -200,6 +200,12 @@ def sample_pool(config, teacher: FunctionalModel, teacher_params, layout: shardi
   return np.concatenate(out)[:hc.pool_samples]
 
 
+def read_pool(out_dir: str) -> np.ndarray:
+  """The pool of completions a heads run in `out_dir` trained on."""
+  with (epath.Path(out_dir) / POOL_FILE).open('rb') as f:
+    return np.load(f)['tokens']
+
+
 def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
                         tokenizer) -> np.ndarray:
   """The pool saved in `out_dir` (a resumed run trains on the same samples), sampled and saved
