@@ -167,7 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
   # teacher's architecture with bidirectional attention, trained on the corpus
   c.compare.mdlm = ml_collections.ConfigDict()
   c.compare.mdlm.seed = 4
-  c.compare.mdlm.init = 'scratch'    # scratch | from_teacher (start from the AR teacher's weights)
+  # scratch | from_teacher (start from the AR teacher's weights): from the teacher reaches a
+  # held-out ELBO ppl bound of 214 against 381 from scratch at the same budget
+  # (results/compare/mdlm_init.md)
+  c.compare.mdlm.init = 'from_teacher'
   c.compare.mdlm.batch_size = 32
   c.compare.mdlm.learning_rate = 3e-3
   c.compare.mdlm.warmup_steps = 30

@@ -12,6 +12,8 @@ from configs import shakespeare_tiny
 
 K1 = {'distill.stages': ((1, 250),)}
 FULL = {'distill.stages': ((1, 250), (2, 150), (4, 150))}
+# the demo's recipe, the winner of phases 1-3
+DEMO_RECIPE = {'distill.learning_rate': 3e-3, 'distill.target_smoothing': 0.2}
 AUTHORS_OPTIMIZER = {'distill.learning_rate': 1e-4, 'distill.b2': 0.999, 'distill.eps': 1e-6,
                      'distill.weight_decay': 0.0, 'distill.end_learning_rate_ratio': 1.0,
                      'distill.grad_clip': 1.0, 'distill.tau_range': (1.0, 1.0)}
@@ -46,7 +48,6 @@ def get_config():
        'noise-inversion data term (real continuations mapped back to noises), weight 0.1'),
       ('k1_tau0.5-1.5', dict(K1, **{'distill.tau_range': (0.5, 1.5)}),
        'tau ~ U[0.5, 1.5] per sequence (evaluated at tau = 1)'),
-      ('k1_steps500', dict(K1, **{'distill.stages': ((1, 500),)}), 'budget: twice the k=1 steps'),
       # phase 3: soft noise-neighbourhood targets (distill.soft_ar_targets), our addition
       ('k1_soft0.05', dict(K1, **{'distill.target_smoothing': 0.05}),
        'soft targets: teacher mass in [u-h, u+h], h 0.05 -> 0 over 80% of the stage'),
@@ -59,12 +60,19 @@ def get_config():
       # same settings and seed (4th field). Equal CPU budget: the demo's 250/150/150 steps cost
       # ~627 s at 0.65/1.3/1.8 s per k=1/2/4 step; 500/100/100 ~635 s
       ('full_base', dict(FULL), 'the demo schedule, base recipe', 'k1_base'),
-      ('full_k1heavy', {'distill.stages': ((1, 500), (2, 100), (4, 100))},
-       'budget split: twice the k=1 steps, two thirds of the k=2/4 steps', 'k1_steps500'),
       ('full_lr3e-3_soft0.2', dict(FULL, **{'distill.learning_rate': 3e-3,
                                             'distill.target_smoothing': 0.2}),
        'the best k=1 recipe through the demo schedule (lr 3e-3 in every stage)',
        'k1_lr3e-3_soft0.2'),
+      # phase 4b: the budget, on the demo recipe (lr 3e-3, soft targets 0.2)
+      ('k1_lr3e-3_soft0.2_steps500', dict(DEMO_RECIPE, **{'distill.stages': ((1, 500),)}),
+       'the demo recipe, twice the k=1 steps'),
+      ('k1_lr3e-3_soft0.2_steps1000', dict(DEMO_RECIPE, **{'distill.stages': ((1, 1000),)}),
+       'the demo recipe, four times the k=1 steps'),
+      ('full_lr3e-3_soft0.2_k1heavy',
+       dict(DEMO_RECIPE, **{'distill.stages': ((1, 500), (2, 100), (4, 100))}),
+       'budget split 500 / 100 / 100 (about the CPU time of 250 / 150 / 150), the demo recipe',
+       'k1_lr3e-3_soft0.2_steps500'),
       # phase 5: the inverse-CDF readout (our extension, sampling.READOUTS): each slot predicts
       # a distribution and samples it with its own noise; distilled by per-slot KL to the
       # teacher's distributions along its shared-noise rollout (distill.distribution_loss)

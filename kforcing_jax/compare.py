@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from kforcing_jax import decode, distill, evaluate, report
+from kforcing_jax import decode, distill, evaluate, provenance, report, rundir
 
 FAMILIES = ('ar', 'kforcing', 'kforcing_lossless', 'speculative', 'heads', 'heads_verified',
             'mdlm')
@@ -157,6 +157,16 @@ class Models:
   draft: object
   heads: dict
   mdlm: object
+
+
+def models_fingerprint(models: Models) -> dict:
+  """{model: provenance.params_fingerprint} of every model a comparison decodes with: a saved
+  measurement of other models (retrained, another setting) is not reused."""
+  prints = {rundir.TEACHER: models.teacher.params, 'draft': models.draft.params,
+            'mdlm': models.mdlm.params}
+  prints.update({f'{rundir.STUDENT_PREFIX}{k}': s.params for k, s in models.students.items()})
+  prints.update({f'heads_k{k}': params for k, (_, params) in models.heads.items()})
+  return {name: provenance.params_fingerprint(p) for name, p in sorted(prints.items())}
 
 
 @dataclasses.dataclass

@@ -42,6 +42,7 @@ from kforcing_jax import checkpoints, models, progress, provenance, sharding
 TEACHER = 'teacher'
 EVALUATOR = 'evaluator'
 BASELINES = 'baselines'
+COMPARE_PARTIAL = 'compare_partial'
 SIZES = 'sizes'
 STUDENT_PREFIX = 'student_k'
 _STUDENT_NAME = re.compile(rf'^{STUDENT_PREFIX}([1-9][0-9]*)$')
@@ -103,6 +104,12 @@ def baseline_dir(workdir: str, name: str) -> str:
   """<workdir>/baselines/<name>: the model directory (or, for the draft, the run directory) of
   one compared method (kforcing_jax/compare.py)."""
   return _join(workdir, BASELINES, name)
+
+
+def compare_partial_path(workdir: str, batch: int) -> str:
+  """<workdir>/compare_partial/batch_<B>.json: one batch size of a comparison's measurement,
+  kept with the run it measured so that a stopped `make compare` resumes there."""
+  return _join(workdir, COMPARE_PARTIAL, f'batch_{batch}.json')
 
 
 def size_workdir(workdir: str, name: str) -> str:

@@ -132,11 +132,22 @@ def test_make_compare_end_to_end(tmp_path, tiny_data_config):
     assert all(s['speedup_vs_ar'] > 0 for s in r['speed'])
   assert by_name['mdlm_T4']['passes_per_token']['full'] == pytest.approx(4 / 18)
   assert by_name['speculative_k2_coupled']['passes_per_token']['small'] > 0
-  for f in ('COMPARE.md', 'compare.png', 'methods/mdlm_T4.json', 'partial/batch_2.json'):
+  for f in ('COMPARE.md', 'compare.png', 'methods/mdlm_T4.json'):
     assert (output / f).exists(), f
   assert '| MDLM T=4 | no |' in (output / 'COMPARE.md').read_text()
+  # the measurement's resume state lives with the run, keyed by the models it measured: batch
+  # 2's saved entry now claims other heads, so it is measured again and batch 1 is reused
+  partial = workdir / 'compare_partial' / 'batch_2.json'
+  saved = json.loads(partial.read_text())
+  assert set(saved['models']) == {'teacher', 'student_k1', 'student_k2', 'student_k4', 'draft',
+                                  'heads_k2', 'mdlm'}
+  saved['models']['heads_k2'] = '0' * 16
+  partial.write_text(json.dumps(saved))
   again = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True,
                          check=False, cwd=ROOT, timeout=600)
   assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
   log = again.stdout + again.stderr
-  assert 'already trained' in log and 'measured before' in log
+  assert 'already trained' in log
+  assert 'batch 1: measured before' in log and 'batch 2: measured before' not in log
+  assert 'measuring again' in log
+  assert json.loads(partial.read_text())['models']['heads_k2'] != '0' * 16

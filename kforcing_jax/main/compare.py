@@ -12,8 +12,9 @@ teacher and measured in one process (kforcing_jax/compare.py says how).
 3. the measurement: for each config.compare.batch_sizes (with its --repeats) every method is
    compiled, warmed up and timed in interleaved rounds with the AR teacher (prompts: the first
    B held-out document prefixes); quality over the first config.compare.prompts rows of the
-   largest batch's own output. Each finished batch size is saved under <output>/partial/, so
-   a stopped measurement resumes at the next batch size.
+   largest batch's own output. Each finished batch size is saved in
+   <workdir>/compare_partial/ with the fingerprints of the models it measured, so a stopped
+   measurement resumes at the next batch size (and models changed since are measured again).
 
 Writes <output>/compare.json (everything), <output>/methods/<method>.json (one per method x
 setting), COMPARE.md and compare.png. --only=train stops after 2; --only=measure skips 1-2.
@@ -101,11 +102,7 @@ def training_summary(config, workdir: str) -> dict:
   }
 
 
-def _partial_path(output: str, batch: int) -> str:
-  return os.path.join(output, 'partial', f'batch_{batch}.json')
-
-
-def measure(config, workdir: str, output: str, repeats: list[int]) -> dict:
+def measure(config, workdir: str, repeats: list[int]) -> dict:
   t_start = time.time()
   cc, dc = config.compare, config.decode
   batch_sizes = sorted(int(b) for b in cc.batch_sizes)
@@ -135,23 +132,28 @@ def measure(config, workdir: str, output: str, repeats: list[int]) -> dict:
   prompts = np.asarray(data.document_prefixes(config, config.eval.split, largest, prefix_len,
                                               tokenizer=tokenizer), np.int32)
   key = jax.random.key(config.seed)
+  fingerprints = compare.models_fingerprint(models)
   done = {}
   for batch in batch_sizes:
-    saved = progress.read_json(_partial_path(output, batch))
-    if saved is not None:
-      progress.log(f'[compare] batch {batch}: measured before ({_partial_path(output, batch)})')
+    partial = rundir.compare_partial_path(workdir, batch)
+    saved = progress.read_json(partial)
+    if saved is not None and saved.get('models') == fingerprints:
+      progress.log(f'[compare] batch {batch}: measured before ({partial})')
       done[batch] = saved
       continue
+    if saved is not None:
+      progress.log(f'[compare] batch {batch}: {partial} measured other models (retrained or '
+                   'another setting since); measuring again')
     t0 = time.time()
     speed = timing.measure_throughput(decoders, prompts, key, [batch], repeats[batch],
                                       prefix_len, gen_len)
-    entry = {'speed': {name: r[0] for name, r in speed.items()},
+    entry = {'models': fingerprints, 'speed': {name: r[0] for name, r in speed.items()},
              'iterations': {d.name: compare.iterations(d.method, new_tokens,
                                                        d.outputs[batch]) for d in decoders}}
     if batch == largest:
       samples = {d.name: compare.tokens_of(d.outputs[batch])[:rows].tolist() for d in decoders}
       entry['samples'] = samples
-    progress.write_json(_partial_path(output, batch), entry)
+    progress.write_json(partial, entry)
     done[batch] = entry
     progress.log(f'[compare] batch {batch}: {time.time() - t0:.0f}s')
   samples = {name: np.asarray(s, np.int32) for name, s in done[largest]['samples'].items()}
@@ -206,7 +208,7 @@ def run(config, workdir: str) -> None:
     return
   if not checkpoints.has_params(rundir.params_dir(rundir.teacher_dir(workdir))):
     raise FileNotFoundError(f'{workdir} has no teacher: run without --only=measure first.')
-  result = measure(config, workdir, _OUTPUT.value, [int(r) for r in _REPEATS.value])
+  result = measure(config, workdir, [int(r) for r in _REPEATS.value])
   if progress.is_main_process():
     write(result, _OUTPUT.value)
   progress.log(f'[compare] {result["seconds"]:.0f}s -> {_OUTPUT.value}/compare.json, '
