@@ -208,7 +208,7 @@ def test_run_end_to_end_and_load(tiny_data_config, tmp_path):
   pool = heads_lib.load_or_sample_pool(config, directory, teacher.model, teacher.params, layout,
                                        None)
   assert pool.shape == (16, 16)
-  np.testing.assert_array_equal(heads_lib.read_pool(directory), pool)
+  np.testing.assert_array_equal(heads_lib.read_pool(directory)[0], pool)
   other = jax.tree.map(lambda x: x + 1.0, teacher.params)
   with pytest.raises(ValueError, match='different teacher'):
     heads_lib.load_or_sample_pool(config, directory, teacher.model, other, layout, None)

@@ -200,10 +200,12 @@ def sample_pool(config, teacher: FunctionalModel, teacher_params, layout: shardi
   return np.concatenate(out)[:hc.pool_samples]
 
 
-def read_pool(out_dir: str) -> np.ndarray:
-  """The pool of completions a heads run in `out_dir` trained on."""
+def read_pool(out_dir: str) -> tuple[np.ndarray, str]:
+  """(completions, fingerprint of the teacher that sampled them) of the pool a heads run in
+  `out_dir` trained on."""
   with (epath.Path(out_dir) / POOL_FILE).open('rb') as f:
-    return np.load(f)['tokens']
+    stored = np.load(f)
+    return stored['tokens'], str(stored['teacher_fingerprint'])
 
 
 def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
@@ -215,9 +217,7 @@ def load_or_sample_pool(config, out_dir: str, teacher, teacher_params, layout,
   hc = config.compare.heads
   fingerprint = provenance.params_fingerprint(teacher_params)
   if path.exists():
-    with path.open('rb') as f:
-      stored = np.load(f)
-      pool, made_from = stored['tokens'], str(stored['teacher_fingerprint'])
+    pool, made_from = read_pool(out_dir)
     if made_from != fingerprint:
       raise ValueError(f'{path} was sampled from a different teacher (fingerprint {made_from}, '
                        f'the teacher now has {fingerprint}): delete {out_dir} to retrain these '

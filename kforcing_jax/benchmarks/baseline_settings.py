@@ -30,7 +30,8 @@ _BASELINE = flags.DEFINE_enum('baseline', 'heads', ['heads', 'mdlm'], 'Which bas
 _OUTPUT = flags.DEFINE_string('output', 'results/compare/heads_settings.json', 'Output JSON.')
 _SCRATCH = flags.DEFINE_string('scratch', '/tmp/baseline_settings', 'Where the settings train.')
 _LRS = flags.DEFINE_list('learning_rates', ['1e-3', '3e-3', '1e-2'], 'heads: peak learning rates.')
-_POOLS = flags.DEFINE_list('pool_samples', ['512', '2048', '8192'], 'heads: teacher completions in the pool.')
+_POOLS = flags.DEFINE_list('pool_samples', ['512', '2048', '8192'],
+                          'heads: teacher completions in the pool.')
 _INITS = flags.DEFINE_list('inits', ['scratch', 'from_teacher'], 'mdlm: initialisations.')
 _STEPS = flags.DEFINE_integer('steps', 0, 'mdlm: steps per setting (0: the comparison budget).')
 
@@ -71,19 +72,20 @@ def score_on_common_held_out(config, rows: list[dict], workdirs: list[str]) -> l
   outside every arm's training rows: every arm is scored again on those ('common_*' keys)."""
   tokenizer = data.prepared_tokenizer(config)
   layout = sharding.layout_from_config(config)
-  pools = [heads.read_pool(rundir.baseline_dir(w, heads.dir_name(2))) for w in workdirs]
+  pools = [heads.read_pool(rundir.baseline_dir(w, heads.dir_name(2)))[0] for w in workdirs]
   largest = max(pools, key=len)
   for row, pool in zip(rows, pools):
     if not np.array_equal(pool, largest[:len(pool)]):
       raise ValueError(f'{row["setting"]}: its pool is not a prefix of the largest pool, so '
                        'the largest pool\'s held-out rows may be in its training rows.')
   _, held_out = heads.split_pool(largest)
+  # every arm's teacher/ links the same teacher: one load, one compiled scorer for all arms
+  teacher = rundir.load_export(rundir.teacher_dir(workdirs[0]), layout, kind='ar',
+                               config=config, tokenizer=tokenizer)
+  score = heads.make_eval_fn(teacher.model, teacher.params, layout, held_out,
+                             config.compare.heads.batch_size, config.decode.prefix_len)
   for row, workdir in zip(rows, workdirs):
-    teacher = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
-                                 tokenizer=tokenizer)
     _, params = heads.load(config, workdir, 2, layout, tokenizer)
-    score = heads.make_eval_fn(teacher.model, teacher.params, layout, held_out,
-                               config.compare.heads.batch_size, config.decode.prefix_len)
     got = score({'params': params})
     row.update(common_val_loss_1=got['val_loss_1'], common_val_acc_1=got['val_acc_1'],
                common_held_out=int(held_out.shape[0]))
@@ -125,8 +127,8 @@ def markdown(baseline: str, rows: list[dict]) -> str:
     for r in rows:
       mark = ' (default)' if r['default'] else ''
       accs = ' / '.join(f'{r[f"val_masked_acc_{m}"]:.4f}' for m in ('0.15', '0.5', '0.9'))
-      lines.append(f'| {r["init"]}{mark} | {r["train_steps"]} | {r["val_ppl_bound"]:.1f} | {accs} | '
-                   f'{r["seconds"] / 60:.1f} |')
+      lines.append(f'| {r["init"]}{mark} | {r["train_steps"]} | {r["val_ppl_bound"]:.1f} | '
+                   f'{accs} | {r["seconds"] / 60:.1f} |')
   return '\n'.join(lines) + '\n'
 
 
