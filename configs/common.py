@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   # target_smoothing to 0 at smoothing_decay of the stage (distill.soft_ar_targets); 0 = hard
   c.distill.target_smoothing = 0.0
   c.distill.smoothing_decay = 0.8
+  # stages k >= 2: weight of the cross-entropy to the frozen teacher's softmax along its
+  # rollout, mixed with the hard-target loss (distill.distill_loss; 0 = hard targets only)
+  c.distill.logit_matching = 0.0
+  c.distill.later_learning_rate = 0.0  # peak lr of stages k >= 2 (0 = distill.learning_rate)
   c.distill.log_every = 10
   c.distill.eval_every = 100
   c.distill.eval_batches = 4

@@ -14,6 +14,8 @@ K1 = {'distill.stages': ((1, 250),)}
 FULL = {'distill.stages': ((1, 250), (2, 150), (4, 150))}
 # the demo's recipe, the winner of phases 1-3
 DEMO_RECIPE = {'distill.learning_rate': 3e-3, 'distill.target_smoothing': 0.2}
+# stage k=2 alone over the 500-step k=1 students of the demo recipe (phase 6)
+K2_SCREEN = dict(DEMO_RECIPE, **{'distill.stages': ((1, 500), (2, 100))})
 AUTHORS_OPTIMIZER = {'distill.learning_rate': 1e-4, 'distill.b2': 0.999, 'distill.eps': 1e-6,
                      'distill.weight_decay': 0.0, 'distill.end_learning_rate_ratio': 1.0,
                      'distill.grad_clip': 1.0, 'distill.tau_range': (1.0, 1.0)}
@@ -86,5 +88,23 @@ def get_config():
                                     'distill.learning_rate': 3e-3}),
        'the inverse-CDF readout through the demo schedule (lr 3e-3 in every stage)',
        'k1_invcdf'),
+      # phase 6: the stages k >= 2. In the demo schedule slot 1 of the k=2 student starts
+      # exactly equal to its teacher (it is initialised from it) and ends at 0.68 agreement:
+      # learning slot 2 at lr 3e-3 wrecks the inherited slot. Screened at k=2 (100 steps) over
+      # the 500-step k=1 students; k2_base is the baseline (the same stage as
+      # full_lr3e-3_soft0.2_k1heavy's k=2)
+      ('k2_base', dict(K2_SCREEN),
+       'stage k=2 of the demo recipe alone (the baseline of this phase; the same stage as '
+       'full_lr3e-3_soft0.2_k1heavy\'s k=2)', 'k1_lr3e-3_soft0.2_steps500'),
+      ('k2_later_lr1e-3', dict(K2_SCREEN, **{'distill.later_learning_rate': 1e-3}),
+       'stage k=2 at peak lr 1e-3 (k=1 at 3e-3)', 'k1_lr3e-3_soft0.2_steps500'),
+      ('k2_match1', dict(K2_SCREEN, **{'distill.logit_matching': 1.0}),
+       'stage k=2 matches the teacher\'s softmax along its rollout (no hard targets)',
+       'k1_lr3e-3_soft0.2_steps500'),
+      ('k2_match0.5', dict(K2_SCREEN, **{'distill.logit_matching': 0.5}),
+       'stage k=2: half hard targets, half the teacher\'s softmax', 'k1_lr3e-3_soft0.2_steps500'),
+      ('k2_match1_lr1e-3', dict(K2_SCREEN, **{'distill.logit_matching': 1.0,
+                                              'distill.later_learning_rate': 1e-3}),
+       'stage k=2: the teacher\'s softmax at peak lr 1e-3', 'k1_lr3e-3_soft0.2_steps500'),
   )
   return c

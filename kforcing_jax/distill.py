@@ -14,6 +14,7 @@ Stage targets (never from data):
           all windows at once by one "double forward" (a window stream of width 2m).
 """
 
+import copy
 import dataclasses
 import datetime
 import time
@@ -199,9 +200,13 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
   k = student.k_max
   tokens, u, tau = batch['tokens'], batch['u'], batch['tau']
   smoothing = teacher.kind == 'ar' and dc.get('target_smoothing', 0.0) > 0
+  matching = teacher.kind != 'ar' and dc.get('logit_matching', 0.0) > 0
   if smoothing:
     targets, q = jax.lax.stop_gradient(soft_ar_targets(teacher, teacher_params, tokens, u, tau,
                                                        batch['half_width']))
+  elif matching:
+    targets, teacher_logits = jax.lax.stop_gradient(
+        student_rollout(teacher, teacher_params, tokens, u, tau))
   else:
     targets = jax.lax.stop_gradient(stage_targets(teacher, teacher_params, tokens, u, tau))
   logits, _ = student.module(params)(tokens, u, tau)
@@ -216,6 +221,17 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
     loss = jnp.einsum('bn,bn->', soft_nll, windows.astype(jnp.float32)) / denom
     metrics['soft_loss'] = loss
     metrics['half_width'] = batch['half_width'].mean()
+  if matching:
+    # logit matching: cross-entropy to the frozen teacher's softmax along its rollout (the
+    # whole function whose argmax is the hard target, not only the argmax), mixed with the
+    # hard-target loss by distill.logit_matching
+    alpha = dc.logit_matching
+    q = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    match_i = jnp.einsum('bnk,bn->k', -jnp.sum(q * logp, axis=-1),
+                         windows.astype(jnp.float32)) / denom
+    metrics['match_loss'] = match_i.mean()
+    loss = (1.0 - alpha) * loss + alpha * match_i.mean()
   metrics.update({f'loss_{i + 1}': loss_i[i] for i in range(k)})
   metrics.update({f'acc_{i + 1}': acc_i[i] for i in range(k)})
   metrics['acc_total'] = acc_total
@@ -278,6 +294,18 @@ def stage_seq_len(config) -> int:
   return n
 
 
+def stage_optimizer_config(dc, k: int):
+  """config.distill's optimizer for stage k: distill.later_learning_rate (when > 0) is the peak
+  learning rate of the stages k >= 2, whose students start from a trained stage rather than
+  from the AR teacher (0 = distill.learning_rate in every stage)."""
+  later = dc.get('later_learning_rate', 0.0)
+  if k == 1 or not later:
+    return dc
+  oc = copy.deepcopy(dc)
+  oc.learning_rate = later
+  return oc
+
+
 def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
                   steps: int | None = None) -> train_state.Program:
   """The jitted step of stage k (teacher: the AR model when prev_k is None, else the stage
@@ -287,10 +315,11 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
     raise ValueError('distill.target_smoothing needs model.cdf_order=id (the soft targets use '
                      'every token\'s id-order interval).')
   if config.model.get('readout', 'argmax') == 'inverse_cdf' and (
-      dc.data_weight > 0 or dc.get('target_smoothing', 0.0) > 0):
+      dc.data_weight > 0 or dc.get('target_smoothing', 0.0) > 0
+      or dc.get('logit_matching', 0.0) > 0):
     raise ValueError('model.readout=inverse_cdf is distilled on the teacher\'s distributions '
-                     '(KL per slot); distill.data_weight and distill.target_smoothing belong to '
-                     'the argmax readout: set them to 0.')
+                     '(KL per slot); distill.data_weight, distill.target_smoothing and '
+                     'distill.logit_matching belong to the argmax readout: set them to 0.')
   if dc.data_weight > 0 and dc.microbatches > 1:
     # microbatches are weighted by the main term's window count; the data term averages over
     # its own (different) count, so accumulation would not equal the full-batch update
@@ -300,7 +329,7 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
   steps = dict(validate_schedule(dc.stages))[k] if steps is None else steps
   student, ar = models.student(config, k), models.teacher(config)
   teacher = ar if prev_k is None else models.student(config, prev_k)
-  optimizer = train_state.make_optimizer(dc, steps)
+  optimizer = train_state.make_optimizer(stage_optimizer_config(dc, k), steps)
   abstract = train_state.abstract_train_state(student, optimizer, layout.mesh, layout.rules)
   b, n = dc.batch_size, stage_seq_len(config)
   batch = layout.abstract_batch({'tokens': ((b, n), jnp.int32), 'mask': ((b, n), jnp.float32),

@@ -30,6 +30,26 @@ class Arm:
   stage1_from: str = ''
 
 
+# overrides that change only the stages k >= 2 (and the schedule, whose first stage is checked
+# apart): an arm may differ from its `stage1_from` arm in these and nothing else
+LATER_STAGE_FIELDS = ('distill.stages', 'distill.later_learning_rate', 'distill.logit_matching')
+
+
+def check_stage1_source(arm: Arm, arms: list[Arm]) -> None:
+  """An arm that reuses another arm's stage k=1 must have the same k=1 settings and steps."""
+  if not arm.stage1_from:
+    return
+  source = next((a for a in arms if a.name == arm.stage1_from), None)
+  if source is None:
+    raise ValueError(f'study arm {arm.name!r}: stage1_from={arm.stage1_from!r} is not an arm.')
+  stage1 = lambda o: {f: v for f, v in o.items() if f not in LATER_STAGE_FIELDS}  # noqa: E731
+  first = lambda o: tuple(o.get('distill.stages', ((None, None),))[0])  # noqa: E731
+  if stage1(source.overrides) != stage1(arm.overrides) or first(source.overrides) != first(
+      arm.overrides):
+    raise ValueError(f'study arm {arm.name!r} reuses stage k=1 of {source.name!r}, whose k=1 '
+                     f'settings differ: {source.overrides} vs {arm.overrides}.')
+
+
 def apply_overrides(config, overrides: dict, seed: int):
   """A copy of `config` with `overrides` set (each path must exist) and `seed`."""
   config = copy.deepcopy(config)
@@ -184,8 +204,8 @@ def _stat(values) -> str:
 def summary_table(records: list[dict], arm_order: list[str] | None = None) -> str:
   """Markdown: per arm and stage, held-out acc_total and per-slot acc (mean [min, max] over
   seeds), the ignore-the-noise baseline, the widest student's per-slot agreement with the AR
-  teacher's own map (mean over seeds; on its row only), the run's wall time (workers share the CPU, so it is
-  not a speed measurement) and the arm's note (its overrides are in each run's JSON)."""
+  teacher's own map (mean over seeds; on its row only), the run's wall time (workers share the
+  CPU, so it is not a speed measurement) and the arm's note (its overrides are in each run's JSON)."""
   by_arm: dict[str, list[dict]] = {}
   for r in records:
     by_arm.setdefault(r['arm'], []).append(r)
@@ -265,6 +285,8 @@ def run(config, workdir: str, *, output: str, arms: str = '', seeds: str = '') -
     raise ValueError(f'--arms: unknown arm(s) {unknown}; the study has '
                      f'{[a.name for a in all_arms]}.')
   selected = [a for a in all_arms if not chosen or a.name in chosen]
+  for arm in selected:
+    check_stage1_source(arm, all_arms)
   seed_list = [int(s) for s in seeds.split(',') if s] or list(study.seeds)
   base = copy.deepcopy(config)
   with base.unlocked():

@@ -262,3 +262,63 @@ def test_stage_program_lowers_with_soft_targets_and_refuses_them_in_sorted_order
   config.model.cdf_order = 'sorted'
   with pytest.raises(ValueError, match='cdf_order=id'):
     distill.stage_program(config, sharding.single_device_layout(), 1, None)
+
+
+def test_logit_matching_mixes_hard_targets_with_the_teachers_softmax():
+  import ml_collections
+  ar, ar_params = random_ar()
+  teacher, t_params = random_student(1, ar_params)
+  student, s_params = random_student(2, ar_params, seed=2)
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 1, 64)
+  batch = {'tokens': tokens, 'mask': jnp.ones((2, 9)), 'tau': jnp.ones((2,)),
+           'u': jax.random.uniform(jax.random.key(3), (2, 9, 2))}
+
+  def loss(alpha):
+    dc = ml_collections.ConfigDict({'data_weight': 0.0, 'logit_matching': alpha})
+    return distill.distill_loss(student, teacher, dc, s_params, batch, t_params, None)
+
+  hard, hard_metrics = loss(0.0)
+  np.testing.assert_allclose(hard, (hard_metrics['loss_1'] + hard_metrics['loss_2']) / 2,
+                             rtol=1e-6)
+  assert 'match_loss' not in hard_metrics
+  full, metrics = loss(1.0)
+  # the teacher's softmax along its own rollout, computed here slot by slot
+  targets, t_logits = distill.student_rollout(teacher, t_params, tokens, batch['u'],
+                                              batch['tau'])
+  logits, _ = student.module(s_params)(tokens, batch['u'], batch['tau'])
+  w = distill.window_mask(batch['mask'], 2)
+  want = np.mean([-jnp.sum(jnp.sum(jax.nn.softmax(t_logits[:, :, i], -1)
+                                   * jax.nn.log_softmax(logits[:, :, i], -1), -1) * w) / w.sum()
+                  for i in range(2)])
+  np.testing.assert_allclose(full, want, rtol=1e-5)
+  np.testing.assert_allclose(metrics['match_loss'], want, rtol=1e-5)
+  # the hard-target metrics do not change with the mix, and half-and-half is the midpoint
+  np.testing.assert_allclose(metrics['loss_2'], hard_metrics['loss_2'], rtol=1e-6)
+  half, _ = loss(0.5)
+  np.testing.assert_allclose(half, (hard + full) / 2, rtol=1e-5)
+  assert abs(float(full - hard)) > 1e-3
+
+
+def test_later_learning_rate_applies_to_stages_after_k1_only():
+  from configs import test_tiny
+  config = test_tiny.get_config()
+  dc = config.distill
+  assert distill.stage_optimizer_config(dc, 2) is dc  # 0 = the same lr everywhere
+  dc.later_learning_rate = dc.learning_rate / 7
+  assert distill.stage_optimizer_config(dc, 1).learning_rate == dc.learning_rate
+  later = distill.stage_optimizer_config(dc, 4)
+  assert later.learning_rate == dc.learning_rate / 7 and later.b2 == dc.b2
+  assert dc.learning_rate != later.learning_rate  # the config itself is left as it was
+
+
+def test_logit_matching_is_checked():
+  from configs import test_tiny
+  from kforcing_jax import config_checks
+  config = test_tiny.get_config()
+  config.distill.logit_matching = 1.5
+  with pytest.raises(ValueError, match='distill.logit_matching'):
+    config_checks.check(config)
+  config.distill.logit_matching = 0.5
+  config.model.readout = 'inverse_cdf'
+  with pytest.raises(ValueError, match='logit_matching'):
+    config_checks.check(config)

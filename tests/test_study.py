@@ -1,6 +1,7 @@
 """The distillation-study runner: overrides, curves, the summary table, worker claims, and one
 tiny end-to-end arm (a real distill.run over a real teacher)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,14 +31,28 @@ def test_every_study_arm_names_existing_fields():
   config = distill_study.get_config()
   names = [arm[0] for arm in config.study.arms]
   assert len(names) == len(set(names))
-  for arm in config.study.arms:
-    study.apply_overrides(config, dict(arm[1]), seed=0)
-    if len(arm) > 3:  # a reused stage k=1 must come from an arm with the same k=1 settings
-      source = next(a for a in config.study.arms if a[0] == arm[3])
-      k1 = lambda o: {key: v for key, v in o.items() if key != 'distill.stages'}  # noqa: E731
-      assert k1(dict(source[1])) == k1(dict(arm[1])), arm[0]
-      assert tuple(dict(source[1])['distill.stages'][0]) == tuple(
-          dict(arm[1])['distill.stages'][0]), arm[0]
+  arms = [study.Arm(a[0], dict(a[1]), *a[2:]) for a in config.study.arms]
+  for arm in arms:
+    study.apply_overrides(config, arm.overrides, seed=0)
+    # a reused stage k=1 comes from an arm with the same k=1 settings
+    study.check_stage1_source(arm, arms)
+
+
+def test_a_reused_stage1_must_have_the_same_k1_settings():
+  base = study.Arm('a', {'distill.stages': ((1, 500),), 'distill.learning_rate': 3e-3})
+  later = study.Arm('b', {'distill.stages': ((1, 500), (2, 100)), 'distill.learning_rate': 3e-3,
+                          'distill.logit_matching': 0.5}, '', 'a')
+  study.check_stage1_source(later, [base, later])  # differs only in stage k >= 2 fields
+  other_lr = dataclasses.replace(later, overrides=dict(later.overrides,
+                                                       **{'distill.learning_rate': 1e-3}))
+  with pytest.raises(ValueError, match='k=1 settings differ'):
+    study.check_stage1_source(other_lr, [base, other_lr])
+  other_steps = dataclasses.replace(later, overrides=dict(later.overrides, **{
+      'distill.stages': ((1, 250), (2, 100))}))
+  with pytest.raises(ValueError, match='k=1 settings differ'):
+    study.check_stage1_source(other_steps, [base, other_steps])
+  with pytest.raises(ValueError, match='not an arm'):
+    study.check_stage1_source(dataclasses.replace(later, stage1_from='zzz'), [later])
 
 
 def test_curves_split_train_and_validation(tmp_path):
