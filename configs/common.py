@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   # rollout, mixed with the hard-target loss (distill.distill_loss; 0 = hard targets only)
   c.distill.logit_matching = 0.0
   c.distill.later_learning_rate = 0.0  # peak lr of stages k >= 2 (0 = distill.learning_rate)
+  # stages k >= 2: loss weight of the k/2 slots inherited from the previous stage vs 1 for the
+  # new ones (distill.slot_weights; 1 = plain mean over slots)
+  c.distill.inherited_slot_weight = 1.0
   c.distill.log_every = 10
   c.distill.eval_every = 100
   c.distill.eval_batches = 4

@@ -106,5 +106,8 @@ def get_config():
       ('k2_match1_lr1e-3', dict(K2_SCREEN, **{'distill.logit_matching': 1.0,
                                               'distill.later_learning_rate': 1e-3}),
        'stage k=2: the teacher\'s softmax at peak lr 1e-3', 'k1_lr3e-3_soft0.2_steps500'),
+      ('k2_inherit4', dict(K2_SCREEN, **{'distill.inherited_slot_weight': 4.0}),
+       'stage k=2: the inherited slot 1 weighs 4x slot 2 in the loss',
+       'k1_lr3e-3_soft0.2_steps500'),
   )
   return c

@@ -194,6 +194,10 @@ def _distill(config, shards: int) -> None:
           f'{config.model.cdf_order!r})', 'set one of them: target_smoothing=0 or cdf_order=id')
   matching = _number(config, 'distill.logit_matching', 0.0, strict=False, high=1.0)
   _number(config, 'distill.later_learning_rate', 0.0, strict=False)
+  inherited = _number(config, 'distill.inherited_slot_weight', 0.0, strict=True)
+  if inherited != 1.0 and config.model.get('readout', 'argmax') == 'inverse_cdf':
+    _fail('distill.inherited_slot_weight', inherited, 'belongs to the argmax readout\'s loss',
+          'set distill.inherited_slot_weight=1 or model.readout=argmax')
   if config.model.get('readout', 'argmax') == 'inverse_cdf':
     # an inverse-CDF student is distilled on the teacher's distributions (per-slot KL): the
     # soft noise-neighbourhood targets and the data term are argmax-readout losses

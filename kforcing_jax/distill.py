@@ -193,6 +193,14 @@ def distribution_loss(student: FunctionalModel, teacher: FunctionalModel, params
   return kl_i.mean(), metrics
 
 
+def slot_weights(dc, k: int):
+  """(k,) loss weights of a stage-k student's slots, summing to 1: the first k/2 slots (the ones
+  it inherits from its initialisation, the stage-k/2 student) weigh distill.inherited_slot_weight
+  against 1 for the new ones (default 1: the plain mean)."""
+  w = jnp.where(jnp.arange(k) < k // 2, float(dc.get('inherited_slot_weight', 1.0)), 1.0)
+  return w / jnp.sum(w)
+
+
 def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params, batch,
                  teacher_params, ar_params):
   if student.cfg.readout == 'inverse_cdf':
@@ -212,7 +220,10 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
   logits, _ = student.module(params)(tokens, u, tau)
   windows = window_mask(batch['mask'], k)
   loss_i, acc_i, acc_total, denom = slot_metrics(logits, targets, windows)
-  loss = loss_i.mean()
+  # the plain mean unless the inherited slots are re-weighted (the same arithmetic as before)
+  reweighted = teacher.kind != 'ar' and dc.get('inherited_slot_weight', 1.0) != 1.0
+  over_slots = (lambda x: jnp.sum(slot_weights(dc, k) * x)) if reweighted else jnp.mean
+  loss = over_slots(loss_i)
   # the loss is a mean over these windows: gradient accumulation weights microbatches by it
   metrics = {'windows': jnp.sum(windows.astype(jnp.float32))}
   if smoothing:
@@ -231,7 +242,7 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
     match_i = jnp.einsum('bnk,bn->k', -jnp.sum(q * logp, axis=-1),
                          windows.astype(jnp.float32)) / denom
     metrics['match_loss'] = match_i.mean()
-    loss = (1.0 - alpha) * loss + alpha * match_i.mean()
+    loss = (1.0 - alpha) * loss + alpha * over_slots(match_i)
   metrics.update({f'loss_{i + 1}': loss_i[i] for i in range(k)})
   metrics.update({f'acc_{i + 1}': acc_i[i] for i in range(k)})
   metrics['acc_total'] = acc_total

@@ -322,3 +322,30 @@ def test_logit_matching_is_checked():
   config.model.readout = 'inverse_cdf'
   with pytest.raises(ValueError, match='logit_matching'):
     config_checks.check(config)
+
+
+def test_inherited_slot_weight_reweights_the_stage_loss():
+  import ml_collections
+  ar, ar_params = random_ar()
+  teacher, t_params = random_student(2, ar_params)
+  student, s_params = random_student(4, ar_params, seed=2)
+  tokens = jax.random.randint(jax.random.key(2), (2, 11), 1, 64)
+  batch = {'tokens': tokens, 'mask': jnp.ones((2, 11)), 'tau': jnp.ones((2,)),
+           'u': jax.random.uniform(jax.random.key(3), (2, 11, 4))}
+
+  def loss(weight, alpha=0.0):
+    dc = ml_collections.ConfigDict({'data_weight': 0.0, 'logit_matching': alpha,
+                                    'inherited_slot_weight': weight})
+    return distill.distill_loss(student, teacher, dc, s_params, batch, t_params, None)
+
+  plain, m = loss(1.0)
+  np.testing.assert_allclose(plain, np.mean([m[f'loss_{i}'] for i in range(1, 5)]), rtol=1e-6)
+  heavy, m3 = loss(3.0)  # slots 1-2 (inherited) weigh 3, slots 3-4 weigh 1: (3a + 3b + c + d) / 8
+  want = (3 * m['loss_1'] + 3 * m['loss_2'] + m['loss_3'] + m['loss_4']) / 8
+  np.testing.assert_allclose(heavy, want, rtol=1e-6)
+  assert float(m3['loss_1']) == float(m['loss_1'])  # per-slot metrics stay unweighted
+  np.testing.assert_allclose(distill.slot_weights(ml_collections.ConfigDict(
+      {'inherited_slot_weight': 3.0}), 2), [0.75, 0.25])
+  # the weights apply to the matching term as well
+  matched, mm = loss(3.0, alpha=1.0)
+  assert abs(float(matched - mm['match_loss'])) > 1e-4
