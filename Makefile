@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# the same pipeline trained longer (configs/shakespeare_quality.py; ~2 h on 2 vCPUs)
+# the same pipeline trained longer (configs/shakespeare_quality.py; 1 h 29 min measured on 2 vCPUs)
 quality: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality.py --workdir=runs/quality
 
