@@ -264,19 +264,28 @@ def test_stage_program_lowers_with_soft_targets_and_refuses_them_in_sorted_order
     distill.stage_program(config, sharding.single_device_layout(), 1, None)
 
 
-def test_logit_matching_mixes_hard_targets_with_the_teachers_softmax():
+def later_stage_loss(m, n):
+  """A random stage-2m student over a random stage-m teacher on one batch of n-token rows:
+  (loss(**distill fields) -> (loss, metrics), (teacher, its params, student, its params, batch))."""
   import ml_collections
   ar, ar_params = random_ar()
-  teacher, t_params = random_student(1, ar_params)
-  student, s_params = random_student(2, ar_params, seed=2)
-  tokens = jax.random.randint(jax.random.key(2), (2, 9), 1, 64)
-  batch = {'tokens': tokens, 'mask': jnp.ones((2, 9)), 'tau': jnp.ones((2,)),
-           'u': jax.random.uniform(jax.random.key(3), (2, 9, 2))}
+  teacher, t_params = random_student(m, ar_params)
+  student, s_params = random_student(2 * m, ar_params, seed=2)
+  tokens = jax.random.randint(jax.random.key(2), (2, n), 1, 64)
+  batch = {'tokens': tokens, 'mask': jnp.ones((2, n)), 'tau': jnp.ones((2,)),
+           'u': jax.random.uniform(jax.random.key(3), (2, n, 2 * m))}
 
-  def loss(alpha):
-    dc = ml_collections.ConfigDict({'data_weight': 0.0, 'logit_matching': alpha})
+  def loss(**fields):
+    dc = ml_collections.ConfigDict(dict({'data_weight': 0.0}, **fields))
     return distill.distill_loss(student, teacher, dc, s_params, batch, t_params, None)
 
+  return loss, (teacher, t_params, student, s_params, batch)
+
+
+def test_logit_matching_mixes_hard_targets_with_the_teachers_softmax():
+  stage_loss, (teacher, t_params, student, s_params, batch) = later_stage_loss(1, 9)
+  loss = lambda alpha: stage_loss(logit_matching=alpha)  # noqa: E731
+  tokens = batch['tokens']
   hard, hard_metrics = loss(0.0)
   np.testing.assert_allclose(hard, (hard_metrics['loss_1'] + hard_metrics['loss_2']) / 2,
                              rtol=1e-6)
@@ -326,17 +335,9 @@ def test_logit_matching_is_checked():
 
 def test_inherited_slot_weight_reweights_the_stage_loss():
   import ml_collections
-  ar, ar_params = random_ar()
-  teacher, t_params = random_student(2, ar_params)
-  student, s_params = random_student(4, ar_params, seed=2)
-  tokens = jax.random.randint(jax.random.key(2), (2, 11), 1, 64)
-  batch = {'tokens': tokens, 'mask': jnp.ones((2, 11)), 'tau': jnp.ones((2,)),
-           'u': jax.random.uniform(jax.random.key(3), (2, 11, 4))}
-
-  def loss(weight, alpha=0.0):
-    dc = ml_collections.ConfigDict({'data_weight': 0.0, 'logit_matching': alpha,
-                                    'inherited_slot_weight': weight})
-    return distill.distill_loss(student, teacher, dc, s_params, batch, t_params, None)
+  stage_loss, _ = later_stage_loss(2, 11)
+  loss = lambda weight, alpha=0.0: stage_loss(  # noqa: E731
+      logit_matching=alpha, inherited_slot_weight=weight)
 
   plain, m = loss(1.0)
   np.testing.assert_allclose(plain, np.mean([m[f'loss_{i}'] for i in range(1, 5)]), rtol=1e-6)
