@@ -192,21 +192,17 @@ def _distill(config, shards: int) -> None:
   if smoothing > 0 and config.model.cdf_order != 'id':
     _fail('distill.target_smoothing', smoothing, f'needs model.cdf_order=id (it is '
           f'{config.model.cdf_order!r})', 'set one of them: target_smoothing=0 or cdf_order=id')
-  matching = _number(config, 'distill.logit_matching', 0.0, strict=False, high=1.0)
+  _number(config, 'distill.logit_matching', 0.0, strict=False, high=1.0)
   _number(config, 'distill.later_learning_rate', 0.0, strict=False)
-  inherited = _number(config, 'distill.inherited_slot_weight', 0.0, strict=True)
-  if inherited != 1.0 and config.model.get('readout', 'argmax') == 'inverse_cdf':
-    _fail('distill.inherited_slot_weight', inherited, 'belongs to the argmax readout\'s loss',
-          'set distill.inherited_slot_weight=1 or model.readout=argmax')
+  _number(config, 'distill.inherited_slot_weight', 0.0, strict=True)
   if config.model.get('readout', 'argmax') == 'inverse_cdf':
     # an inverse-CDF student is distilled on the teacher's distributions (per-slot KL): the
-    # soft noise-neighbourhood targets and the data term are argmax-readout losses
-    for field, value in (('distill.target_smoothing', smoothing),
-                         ('distill.data_weight', data_weight),
-                         ('distill.logit_matching', matching)):
-      if value > 0:
-        _fail(field, value, 'belongs to the argmax readout (model.readout=inverse_cdf is '
-              'distilled by per-slot KL)', f'set {field}=0 or model.readout=argmax')
+    # soft targets, the data term, logit matching and slot weights are argmax-readout losses
+    for field, value in distill.argmax_only_settings(dc).items():
+      off = distill.ARGMAX_ONLY_FIELDS[field]
+      _fail(f'distill.{field}', value, 'belongs to the argmax readout (model.readout='
+            'inverse_cdf is distilled by per-slot KL)', f'set distill.{field}={off:g} or '
+            'model.readout=argmax')
   _number(config, 'distill.smoothing_decay', 0.0, strict=True)
 
 

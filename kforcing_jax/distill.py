@@ -305,6 +305,17 @@ def stage_seq_len(config) -> int:
   return n
 
 
+# loss terms of the argmax readout's loss (distill_loss) and their "off" values: an inverse-CDF
+# student is distilled by per-slot KL (distribution_loss), which uses none of them
+ARGMAX_ONLY_FIELDS = {'data_weight': 0.0, 'target_smoothing': 0.0, 'logit_matching': 0.0,
+                      'inherited_slot_weight': 1.0}
+
+
+def argmax_only_settings(dc) -> dict:
+  """{field: value} of config.distill's argmax-readout loss terms that are switched on."""
+  return {f: dc.get(f, off) for f, off in ARGMAX_ONLY_FIELDS.items() if dc.get(f, off) != off}
+
+
 def stage_optimizer_config(dc, k: int):
   """config.distill's optimizer for stage k: distill.later_learning_rate (when > 0) is the peak
   learning rate of the stages k >= 2, whose students start from a trained stage rather than
@@ -325,12 +336,10 @@ def stage_program(config, layout: sharding.Layout, k: int, prev_k: int | None,
   if dc.get('target_smoothing', 0.0) > 0 and config.model.get('cdf_order', 'id') != 'id':
     raise ValueError('distill.target_smoothing needs model.cdf_order=id (the soft targets use '
                      'every token\'s id-order interval).')
-  if config.model.get('readout', 'argmax') == 'inverse_cdf' and (
-      dc.data_weight > 0 or dc.get('target_smoothing', 0.0) > 0
-      or dc.get('logit_matching', 0.0) > 0):
+  if config.model.get('readout', 'argmax') == 'inverse_cdf' and argmax_only_settings(dc):
     raise ValueError('model.readout=inverse_cdf is distilled on the teacher\'s distributions '
-                     '(KL per slot); distill.data_weight, distill.target_smoothing and '
-                     'distill.logit_matching belong to the argmax readout: set them to 0.')
+                     f'(KL per slot); {argmax_only_settings(dc)} belong to the argmax readout: '
+                     f'set them to {ARGMAX_ONLY_FIELDS}.')
   if dc.data_weight > 0 and dc.microbatches > 1:
     # microbatches are weighted by the main term's window count; the data term averages over
     # its own (different) count, so accumulation would not equal the full-batch update
