@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   # stages k >= 2: loss weight of the k/2 slots inherited from the previous stage vs 1 for the
   # new ones (distill.slot_weights; 1 = plain mean over slots)
   c.distill.inherited_slot_weight = 1.0
+  # decay of the students' parameter EMA (train_state.param_average), which each stage then
+  # evaluates and exports instead of its last parameters (0 = off: the last parameters)
+  c.distill.ema_decay = 0.0
   c.distill.log_every = 10
   c.distill.eval_every = 100
   c.distill.eval_batches = 4

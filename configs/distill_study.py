@@ -109,5 +109,11 @@ def get_config():
       ('k2_inherit4', dict(K2_SCREEN, **{'distill.inherited_slot_weight': 4.0}),
        'stage k=2: the inherited slot 1 weighs 4x slot 2 in the loss',
        'k1_lr3e-3_soft0.2_steps500'),
+      # phase 7: an exponential moving average of the student's parameters (train_state.
+      # param_average), evaluated and exported instead of the last ones; on the demo recipe
+      ('k1_lr3e-3_soft0.2_ema0.99', dict(K1, **DEMO_RECIPE, **{'distill.ema_decay': 0.99}),
+       'the demo recipe at k=1 (250 steps), parameter EMA decay 0.99'),
+      ('k1_lr3e-3_soft0.2_ema0.95', dict(K1, **DEMO_RECIPE, **{'distill.ema_decay': 0.95}),
+       'the demo recipe at k=1 (250 steps), parameter EMA decay 0.95'),
   )
   return c

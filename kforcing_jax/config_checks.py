@@ -195,6 +195,7 @@ def _distill(config, shards: int) -> None:
   _number(config, 'distill.logit_matching', 0.0, strict=False, high=1.0)
   _number(config, 'distill.later_learning_rate', 0.0, strict=False)
   _number(config, 'distill.inherited_slot_weight', 0.0, strict=True)
+  _number(config, 'distill.ema_decay', 0.0, strict=False, high=1.0, high_strict=True)
   if config.model.get('readout', 'argmax') == 'inverse_cdf':
     # an inverse-CDF student is distilled on the teacher's distributions (per-slot KL): the
     # soft targets, the data term, logit matching and slot weights are argmax-readout losses

@@ -441,7 +441,8 @@ def make_stage_eval(student: FunctionalModel, teachers: Teachers, k: int, batche
     acc, total, base, n = np.zeros(k), 0.0, 0.0, 0.0
     for batch in batches:
       c_i, c_tot, c_base, c_n = jax.device_get(
-          counts(state['params'], teachers.teacher.params, teachers.ar.params, batch))
+          counts(train_state.averaged_params(state), teachers.teacher.params,
+                 teachers.ar.params, batch))
       acc, total, base, n = acc + c_i, total + c_tot, base + c_base, n + c_n
     n = max(n, 1.0)
     out = {f'acc_{i + 1}': float(acc[i] / n) for i in range(k)}
@@ -488,10 +489,12 @@ def run_stage(config, workdir: str, layout: sharding.Layout, k: int, steps: int,
       checkpoint_every=dc.checkpoint_every, keep_checkpoints=dc.keep_checkpoints,
       meta={'kind': 'pflm', 'k': k, **made_from}, config_record=provenance.run_record(config),
       profile_steps=dc.profile_steps))
-  identity = {provenance.PARAMS_KEY: provenance.params_fingerprint(state['params'])}
+  # with distill.ema_decay the export is the parameter average (what the stage evaluated)
+  params = train_state.averaged_params(state)
+  identity = {provenance.PARAMS_KEY: provenance.params_fingerprint(params)}
   if tokenizer is not None:
     identity[provenance.TOKENIZER_KEY] = provenance.tokenizer_fingerprint(tokenizer)
-  checkpoints.export_params(rundir.params_dir(out_dir), state['params'],
+  checkpoints.export_params(rundir.params_dir(out_dir), params,
                             {'kind': 'pflm', 'k': k, 'steps': steps, **made_from, **identity})
   return metrics
 

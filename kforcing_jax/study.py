@@ -274,12 +274,17 @@ def summarize(output: str, arm_order: list[str] | None = None, header: str = '')
   return text
 
 
+def arms_of(config) -> list[Arm]:
+  """config.study.arms, each (name, overrides, note[, stage1_from]), as Arms."""
+  return [Arm(arm[0], dict(arm[1]), *arm[2:]) for arm in config.study.arms]
+
+
 def run(config, workdir: str, *, output: str, arms: str = '', seeds: str = '') -> None:
   """Run the study of `config.study` (arms x seeds) over the teacher in `workdir`, then write
   SUMMARY.md and the curve plots. arms / seeds: comma lists selecting a subset ('' = all).
   Start it in several processes to share the runs between them (`claim`)."""
   study = config.study
-  all_arms = [Arm(arm[0], dict(arm[1]), *arm[2:]) for arm in study.arms]
+  all_arms = arms_of(config)
   chosen = [a for a in arms.split(',') if a]
   unknown = sorted(set(chosen) - {a.name for a in all_arms})
   if unknown:

@@ -4,7 +4,7 @@ Shared by teacher training and every distillation stage: only the loss differs.
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +15,67 @@ from kforcing_jax import sharding
 from kforcing_jax.models import FunctionalModel
 
 
+class ParamAverageState(NamedTuple):
+  """count: updates so far; average: the bias-corrected exponential moving average of the
+  parameters after each of them (equal to the parameters after the first)."""
+  count: jax.Array
+  average: Any
+
+
+def param_average(decay: float) -> optax.GradientTransformation:
+  """The last link of an optimizer chain: leaves the updates alone and keeps, in its state, the
+  EMA of the parameters they produce, debiased like Adam's moments - after t updates
+  sum_s (1 - d) d^(t-s) p_s / (1 - d^t) - so the average does not depend on the parameters the
+  optimizer was initialised with (a stage replaces them after init). Kept in the optimizer
+  state, it is sharded, checkpointed and restored with it (optax.tree_map_params sees it as a
+  copy of the parameters)."""
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f'parameter-average decay must be in (0, 1); got {decay}.')
+
+  def init(params):
+    # the parameters themselves (not a transform of them): tree_map_params finds them that way
+    return ParamAverageState(count=jnp.zeros((), jnp.int32), average=params)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('param_average needs the parameters (optimizer.update(g, s, params)).')
+    count = state.count + 1
+    # weight of the newest parameters: (1 - d) / (1 - d^t), which is 1 at t = 1
+    weight = (1.0 - decay) / (1.0 - decay ** count.astype(jnp.float32))
+    average = jax.tree.map(
+        lambda a, p, u: (a + weight * (p + u - a).astype(jnp.float32)).astype(a.dtype),
+        state.average, params, updates)
+    return updates, ParamAverageState(count=count, average=average)
+
+  return optax.GradientTransformation(init, update)
+
+
+def averaged_params(state: dict):
+  """The parameters to evaluate and export: the optimizer's parameter average when it keeps
+  one and has seen an update (param_average), else state['params']."""
+  is_average = lambda x: isinstance(x, ParamAverageState)  # noqa: E731
+  found = [x for x in jax.tree.leaves(state['opt_state'], is_leaf=is_average) if is_average(x)]
+  if not found:
+    return state['params']
+  average = found[0]
+  return jax.tree.map(lambda a, p: jnp.where(average.count > 0, a, p), average.average,
+                      state['params'])
+
+
 def make_optimizer(tc, total_steps: int) -> optax.GradientTransformation:
-  """AdamW, linear warm-up then cosine decay, global-norm clipping; no decay on vectors."""
+  """AdamW, linear warm-up then cosine decay, global-norm clipping; no decay on vectors; with
+  tc.ema_decay > 0 (distillation only), also the parameters' moving average (param_average)."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=tc.learning_rate,
       warmup_steps=min(tc.warmup_steps, max(total_steps - 1, 1)),
       decay_steps=max(total_steps, 2), end_value=tc.learning_rate * tc.end_learning_rate_ratio)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-  return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                     optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.get('eps', 1e-8),
-                                 weight_decay=tc.weight_decay, mask=decay_mask))
+  links = [optax.clip_by_global_norm(tc.grad_clip),
+           optax.adamw(schedule, b1=tc.b1, b2=tc.b2, eps=tc.get('eps', 1e-8),
+                       weight_decay=tc.weight_decay, mask=decay_mask)]
+  if tc.get('ema_decay', 0.0) > 0:
+    links.append(param_average(tc.ema_decay))
+  return optax.chain(*links)
 
 
 def param_shardings(model: FunctionalModel, mesh: Mesh, rules):

@@ -350,3 +350,39 @@ def test_inherited_slot_weight_reweights_the_stage_loss():
   # the weights apply to the matching term as well
   matched, mm = loss(3.0, alpha=1.0)
   assert abs(float(matched - mm['match_loss'])) > 1e-4
+
+
+@pytest.mark.slow
+def test_stage_with_ema_evaluates_and_exports_the_parameter_average(tiny_data_config, tmp_path):
+  """distill.ema_decay > 0: the stage's export is the average the optimizer kept (not its last
+  parameters) and its eval.json is that average's held-out agreement."""
+  from kforcing_jax import checkpoints, rundir, sharding, train_state
+  config = tiny_data_config
+  config.train.steps = 4
+  teacher.run(config, str(tmp_path))
+  config.distill.stages = ((1, 6),)
+  config.distill.ema_decay = 0.5
+  config.distill.eval_every = 6
+  config.distill.checkpoint_every = 6
+  distill.run(config, str(tmp_path))
+  layout = sharding.layout_from_config(config)
+  program = distill.stage_program(config, layout, 1, None)
+  stage_dir = rundir.stage_dir(str(tmp_path), 1)
+  ckpt = checkpoints.Checkpointer(f'{stage_dir}/checkpoints', async_save=False)
+  state, _ = ckpt.restore(6, program.abstract_state)
+  exported = checkpoints.import_params(rundir.params_dir(stage_dir),
+                                       program.abstract_state['params'])
+  average = train_state.averaged_params(state)
+  for got, want, last in zip(jax.tree.leaves(exported), jax.tree.leaves(average),
+                             jax.tree.leaves(state['params'])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert max(float(jnp.abs(a - p).max()) for a, p in zip(
+      jax.tree.leaves(average), jax.tree.leaves(state['params']))) > 1e-4
+  teachers = distill.load_teachers(config, str(tmp_path), layout, None)
+  val_at = distill.stage_batches(config, layout, 1, 'validation', False,
+                                 distill.VALIDATION_SEED_OFFSET)
+  evaluate = distill.make_stage_eval(program.model, teachers, 1,
+                                     [val_at(i) for i in range(config.distill.eval_batches)])
+  with open(tmp_path / 'student_k1' / 'eval.json') as f:
+    saved = json.load(f)
+  assert saved['acc_total'] == pytest.approx(evaluate(state)['acc_total'], abs=1e-9)

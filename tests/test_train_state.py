@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import test_tiny
@@ -142,3 +143,54 @@ def test_remat_puts_checkpoints_in_the_training_forward(remat):
   expected = 0 if remat == 'none' else config.model.num_layers
   # jax.checkpoint traces to the `remat2` primitive in jax 0.10 (`checkpoint` in some versions)
   assert len(re.findall(r'= (?:remat\w*|checkpoint)\[', jaxpr)) == expected
+
+
+def test_param_average_is_the_debiased_ema_of_the_parameters_it_produced():
+  """After t updates the average is sum_s (1 - d) d^(t-s) p_s / (1 - d^t) over the parameters
+  p_1..p_t the updates produced (a float64 reference), whatever the optimizer was initialised
+  with; before any update `averaged_params` is the parameters themselves."""
+  decay, lr = 0.8, 0.1
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  optimizer = optax.chain(optax.sgd(lr), train_state.param_average(decay))
+  # initialised from other parameters, as a distillation stage does (it swaps them in after)
+  opt_state = optimizer.init(jax.tree.map(lambda x: x + 100.0, params))
+  state = {'params': params, 'opt_state': opt_state}
+  assert all(np.array_equal(a, p) for a, p in zip(
+      jax.tree.leaves(train_state.averaged_params(state)), jax.tree.leaves(params)))
+  trajectory = []
+  for _ in range(6):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    trajectory.append(jax.tree.map(lambda x: np.asarray(x, np.float64), params))
+  t = len(trajectory)
+  for name in params:
+    reference = sum((1 - decay) * decay ** (t - s) * trajectory[s - 1][name]
+                    for s in range(1, t + 1)) / (1 - decay ** t)
+    got = train_state.averaged_params({'params': params, 'opt_state': opt_state})[name]
+    np.testing.assert_allclose(np.asarray(got), reference, rtol=0, atol=1e-5)
+    # not the last parameters: the average really lags them
+    assert np.abs(reference - trajectory[-1][name]).max() > 1e-2
+
+
+def test_param_average_is_kept_sharded_like_the_parameters():
+  """distill.ema_decay puts the average in the optimizer state, where abstract_train_state must
+  shard it like the parameters (optax.tree_map_params finds it) - not replicate it."""
+  config = test_tiny.get_config()
+  config.distill.ema_decay = 0.99
+  model = models.student(config, 2)
+  layout = sharding.layout_from_config(config)
+  optimizer = train_state.make_optimizer(config.distill, 10)
+  abstract = train_state.abstract_train_state(model, optimizer, layout.mesh, layout.rules)
+  is_average = lambda x: isinstance(x, train_state.ParamAverageState)  # noqa: E731
+  averages = [x for x in jax.tree.leaves(abstract['opt_state'], is_leaf=is_average)
+              if is_average(x)]
+  assert len(averages) == 1
+  specs = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]  # noqa: E731
+  assert specs(averages[0].average) == specs(abstract['params'])
+  assert any(spec != jax.sharding.PartitionSpec() for spec in specs(abstract['params']))
+  config.distill.ema_decay = 0.0  # off: no average in the state
+  plain = jax.eval_shape(train_state.make_optimizer(config.distill, 10).init, model.param_shapes)
+  assert not [x for x in jax.tree.leaves(plain, is_leaf=is_average) if is_average(x)]

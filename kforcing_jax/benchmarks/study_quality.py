@@ -14,7 +14,6 @@ metrics.is_mode_seeking. Same prompts and noise key for every model and run.
 writes <output>/quality.json and <output>/QUALITY.md.
 """
 
-import json
 import os
 
 import jax
@@ -23,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from kforcing_jax import data, decode, metrics, progress, rundir, sharding
-from kforcing_jax.study import Arm, apply_overrides
+from kforcing_jax.study import apply_overrides, arms_of
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/distill_study.py', 'study config')
 _OUTPUT = flags.DEFINE_string('output', 'results/distill_study', 'the study output directory')
@@ -97,7 +96,7 @@ def table(records: list[dict]) -> str:
 def main(argv):
   del argv
   base = _CONFIG.value
-  arms = {a[0]: Arm(*a) for a in base.study.arms}
+  arms = {a.name: a for a in arms_of(base)}
   unknown = [a for a in _ARMS.value if a not in arms]
   if unknown:
     raise app.UsageError(f'--arms: unknown {unknown}; the config has {sorted(arms)}')
