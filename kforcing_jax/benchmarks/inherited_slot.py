@@ -18,7 +18,8 @@ alone is trained, on its own teacher's tokens).
       --variants='base,carry_adam,inherited_slot_weight=1000,later_learning_rate=1e-4' \
       --output=results/distill_study/inherited_slot.json
 
-writes the JSON and prints one line per (variant, step).
+writes the JSON and its table (the same path, .md), and prints one line per (variant, step);
+--from_json=F.json writes F.md again from a saved run.
 """
 
 import json
@@ -44,6 +45,7 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'k=2 updates per variant')
 _VARIANTS = flags.DEFINE_list('variants', ['base', 'carry_adam'], 'see the module docstring')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 4, 'held-out batches')
 _OUTPUT = flags.DEFINE_string('output', '', 'JSON path (empty: print only)')
+_FROM_JSON = flags.DEFINE_string('from_json', '', 'only write the table of this saved JSON')
 
 MEASURED_AT = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 # lower edges of the margin bins (logits); the last bin is open
@@ -71,7 +73,61 @@ def variant_overrides(variant: str) -> dict:
   return out
 
 
+def _mean(values) -> str:
+  return f'{np.mean(values):.2f}'
+
+
+def markdown(out: dict) -> str:
+  """The tables of a probe: the k=1 students' margins, then per variant (means over seeds)."""
+  runs = list(out['seeds'].values())
+  edges = out['margin_edges']
+  names = [f'< {edges[i + 1]:g}' if i + 1 < len(edges) else f'>= {lo:g}'
+           for i, lo in enumerate(edges)]
+  names = [n if i == 0 else f'{edges[i]:g}-{edges[i + 1]:g}' if i + 1 < len(edges) else n
+           for i, n in enumerate(names)]
+  seeds = ', '.join(out['seeds'])
+  lines = [f'# Why stage k=2 loses its inherited slot (arm {out["arm"]}, seeds {seeds})', '',
+           'Made by `python -m kforcing_jax.benchmarks.inherited_slot` (module docstring); '
+           'means over the seeds. The k=1 students\' top-1 minus top-2 logit gap on '
+           f'{runs[0]["windows"]} held-out windows:', '',
+           '| gap | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names),
+           '| share of windows | ' + ' | '.join(
+               _mean([r['k1_by_margin'][i]['share'] for r in runs]) for i in range(len(names)))
+           + ' |',
+           '| agreement with the AR map | ' + ' | '.join(
+               _mean([r['k1_by_margin'][i]['agreement_vs_ar'] for r in runs])
+               for i in range(len(names))) + ' |', '']
+  steps = [s for s in (1, 2, 5, 10, 20, 50, 100)
+           if all(s in {row['step'] for row in c} for r in runs for c in r['variants'].values())]
+  last = steps[-1]
+  lines += [f'| variant | held-out acc_1 after {" / ".join(map(str, steps))} updates | acc_2 at '
+            f'{last} | slot 1 vs AR map at {last} (at 0: '
+            + _mean([r['k1_agreement_vs_ar'] for r in runs])
+            + f') | slot 1 flipped at {last} by gap ' + ' / '.join(names) + ' |',
+            '|---|---|---|---|---|']
+  for variant in runs[0]['variants']:
+    rows = [{row['step']: row for row in r['variants'][variant]} for r in runs]
+    lines.append(
+        f'| `{variant}` | ' + ' / '.join(_mean([c[s]['acc_1'] for c in rows]) for s in steps)
+        + f' | {_mean([c[last]["acc_2"] for c in rows])} | '
+        + f'{np.mean([c[last]["slot1_vs_ar"] for c in rows]):.3f} | '
+        + ' / '.join(_mean([c[last]['flipped_by_margin'][i] for c in rows])
+                     for i in range(len(names))) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_table(json_path: str, out: dict) -> None:
+  path = os.path.splitext(json_path)[0] + '.md'
+  with open(path, 'w') as f:
+    f.write(markdown(out))
+  progress.log(f'wrote {path}')
+
+
 def main(_):
+  if _FROM_JSON.value:
+    with open(_FROM_JSON.value) as f:
+      write_table(_FROM_JSON.value, json.load(f))
+    return
   arms = {a.name: a for a in arms_of(_CONFIG.value)}
   arm = arms.get(_ARM.value)
   if arm is None or not arm.stage1_from:
@@ -83,6 +139,7 @@ def main(_):
     with open(_OUTPUT.value, 'w') as f:
       json.dump(out, f, indent=1)
     progress.log(f'wrote {_OUTPUT.value}')
+    write_table(_OUTPUT.value, out)
 
 
 def probe(arm, seed: int) -> dict:
