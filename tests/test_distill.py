@@ -142,16 +142,23 @@ def test_data_term_refuses_gradient_accumulation(tiny_data_config, tmp_path):
     distill.run(tiny_data_config, str(tmp_path), only_stage=1)
 
 
+def teacher_then_k1_stage(config, tmp_path, teacher_steps: int, steps: int, **distill_fields):
+  """Trains config's teacher for teacher_steps, then stage k=1 alone for `steps` (evaluated at
+  its end) with config.distill fields set from distill_fields; returns distill.run's result."""
+  config.train.steps = teacher_steps
+  teacher.run(config, str(tmp_path))
+  config.distill.stages = ((1, steps),)
+  config.distill.eval_every = steps
+  for field, value in distill_fields.items():
+    config.distill[field] = value
+  return distill.run(config, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_short_stage_learns_to_use_the_noise(tiny_data_config, tmp_path):
   """A few hundred k=1 steps beat the ignore-the-noise baseline E[max p] on held-out text."""
   config = tiny_data_config
-  config.train.steps = 60
-  teacher.run(config, str(tmp_path))
-  config.distill.stages = ((1, 300),)
-  config.distill.eval_every = 300
-  config.distill.eval_batches = 4
-  results = distill.run(config, str(tmp_path))
+  results = teacher_then_k1_stage(config, tmp_path, 60, 300, eval_batches=4)
   with open(tmp_path / 'student_k1' / 'eval.json') as f:
     saved = json.load(f)
   assert saved['k'] == 1 and saved['steps'] == 300 and len(saved['acc']) == 1
@@ -358,13 +365,7 @@ def test_stage_with_ema_evaluates_and_exports_the_parameter_average(tiny_data_co
   parameters) and its eval.json is that average's held-out agreement."""
   from kforcing_jax import checkpoints, rundir, sharding, train_state
   config = tiny_data_config
-  config.train.steps = 4
-  teacher.run(config, str(tmp_path))
-  config.distill.stages = ((1, 6),)
-  config.distill.ema_decay = 0.5
-  config.distill.eval_every = 6
-  config.distill.checkpoint_every = 6
-  distill.run(config, str(tmp_path))
+  teacher_then_k1_stage(config, tmp_path, 4, 6, ema_decay=0.5, checkpoint_every=6)
   layout = sharding.layout_from_config(config)
   program = distill.stage_program(config, layout, 1, None)
   stage_dir = rundir.stage_dir(str(tmp_path), 1)
