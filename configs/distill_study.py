@@ -115,5 +115,14 @@ def get_config():
        'the demo recipe at k=1 (250 steps), parameter EMA decay 0.99'),
       ('k1_lr3e-3_soft0.2_ema0.95', dict(K1, **DEMO_RECIPE, **{'distill.ema_decay': 0.95}),
        'the demo recipe at k=1 (250 steps), parameter EMA decay 0.95'),
+      # phase 8: the k=1 map is a coarse staircase of ~18 tokens per context where the teacher
+      # has ~148 (benchmarks/noise_map.py); phi(u) has at most one period on [0, 1). Finer
+      # noise features on the demo recipe (phase 1 tried them at lr 1e-3 with hard targets)
+      ('k1_lr3e-3_soft0.2_scale10', dict(K1, **DEMO_RECIPE, **{'model.noise_scale': 10.0}),
+       'the demo recipe at k=1 (250 steps), noise encoder reads phi(10 u)'),
+      ('k1_lr3e-3_soft0.2_scale100', dict(K1, **DEMO_RECIPE, **{'model.noise_scale': 100.0}),
+       'the demo recipe at k=1 (250 steps), noise encoder reads phi(100 u)'),
+      ('k1_lr6e-3_soft0.2', dict(K1, **dict(DEMO_RECIPE, **{'distill.learning_rate': 6e-3})),
+       'the demo recipe at k=1 (250 steps) with peak lr 6e-3 (resolution grows with updates)'),
   )
   return c

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import decode, distill, sampling, teacher
+from kforcing_jax import decode, distill, sampling
 from kforcing_jax.models import BackboneConfig, FunctionalModel
 from kforcing_jax.models.pflm import init_from
+from tests.helpers.runs import teacher_then_k1_stage
 
 CFG = BackboneConfig(vocab_size=64, num_real_tokens=64, mask_id=0, d_model=32, num_layers=2,
                      num_heads=4)
@@ -140,18 +141,6 @@ def test_data_term_refuses_gradient_accumulation(tiny_data_config, tmp_path):
   tiny_data_config.distill.microbatches = 2
   with pytest.raises(ValueError, match='not supported'):
     distill.run(tiny_data_config, str(tmp_path), only_stage=1)
-
-
-def teacher_then_k1_stage(config, tmp_path, teacher_steps: int, steps: int, **distill_fields):
-  """Trains config's teacher for teacher_steps, then stage k=1 alone for `steps` (evaluated at
-  its end) with config.distill fields set from distill_fields; returns distill.run's result."""
-  config.train.steps = teacher_steps
-  teacher.run(config, str(tmp_path))
-  config.distill.stages = ((1, steps),)
-  config.distill.eval_every = steps
-  for field, value in distill_fields.items():
-    config.distill[field] = value
-  return distill.run(config, str(tmp_path))
 
 
 @pytest.mark.slow
