@@ -124,5 +124,8 @@ def get_config():
        'the demo recipe at k=1 (250 steps), noise encoder reads phi(100 u)'),
       ('k1_lr6e-3_soft0.2', dict(K1, **dict(DEMO_RECIPE, **{'distill.learning_rate': 6e-3})),
        'the demo recipe at k=1 (250 steps) with peak lr 6e-3 (resolution grows with updates)'),
+      ('k1_lr3e-3_soft0.2_batch32', dict(K1, **DEMO_RECIPE, **{'distill.batch_size': 32}),
+       'the demo recipe at k=1 (250 steps) with twice the rows per step (is it updates or '
+       'samples that the map\'s resolution needs? compare k1_lr3e-3_soft0.2_steps500)'),
   )
   return c
