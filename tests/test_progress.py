@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from etils import epath
 from etils.epath import testing as epath_testing
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 

@@ -18,7 +18,7 @@ weights from memory - the regime of the paper's GPUs) and times it at --large_ba
 import jax
 from absl import flags
 
-from kforcing_jax import cli, decode, progress, timing
+from kforcing_jax import cli, progress, timing
 from kforcing_jax.benchmarks import decode_speed
 
 # --output and --repeats are decode_speed's flags (one definition per process)

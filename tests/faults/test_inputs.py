@@ -9,7 +9,6 @@ exactly the tokens it gets with noise key fold_in(key, i) alone (decode.decode_p
 """
 
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -199,7 +198,7 @@ def student_decoder():
     (['abc', ''], "prompt 2 ('') has 0 tokens"),
     (['a' * GEN_LEN], f'prompt 1 has {GEN_LEN} tokens but config.decode.gen_len={GEN_LEN} is '
                       f'the total length'),
-    (['ok', 'b' * 20], f'--config.decode.gen_len=21 or more'),
+    (['ok', 'b' * 20], '--config.decode.gen_len=21 or more'),
 ])
 def test_ar_prompt_faults(ar_decoder, prompts, words):
   _, dec = ar_decoder
