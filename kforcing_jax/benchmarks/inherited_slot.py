@@ -1,12 +1,13 @@
 """Why stage k=2 loses the slot it inherits: where the k=1 student's argmax map is fragile.
 
-A k=2 student starts as an exact copy of its k=1 teacher (acc_1 = 1 on held-out windows) and
-ends the demo recipe's stage at ~0.64. This probe trains stage k=2 of a study arm (phase 6:
-stage k=2 over a linked k=1 student, e.g. k2_base) from that arm's k=1 student with several optimizer / loss variants on the same batches, and after steps 0, 1, 2, 3,
-5, 10, 20, ... measures on held-out windows: acc_1 / acc_2 / acc_total against the k=1 teacher,
-and which slot-1 tokens flipped, broken down by the k=1 student's logit margin (top-1 minus
-top-2 logit) at that window. It also gives, per margin bin, the share of windows and the k=1
-student's agreement with the AR teacher's own map for the same noise.
+A k=2 student starts as an exact copy of its k=1 teacher (acc_1 = 1 on held-out windows) and ends
+the demo recipe's stage at ~0.64. This probe trains stage k=2 of a study arm (phase 6: stage k=2
+over a linked k=1 student, e.g. k2_base) from that arm's k=1 student with several optimizer /
+loss variants on the same batches, and after steps 0, 1, 2, 3, 5, 10, 20, ... measures on
+held-out windows: acc_1 / acc_2 / acc_total against the k=1 teacher, and which slot-1 tokens
+flipped, broken down by the k=1 student's logit margin (top-1 minus top-2 logit) at that window.
+It also gives, per margin bin, the share of windows and the k=1 student's agreement with the AR
+teacher's own map for the same noise.
 
 Variants: `base` (the stage as configured), `carry_adam` (Adam's moments and count carried over
 from the k=1 student's final checkpoint; the learning-rate schedule restarts), or
@@ -225,7 +226,8 @@ def probe(arm, seed: int) -> dict:
                                      if np.any(bins == i) else None
                                      for i in range(len(MARGIN_EDGES))]}
         curve.append(row)
-        progress.log(f'seed {seed} {variant} step {step}: acc_1 {row["acc_1"]:.3f} acc_2 {row["acc_2"]:.3f} '
+        progress.log(f'seed {seed} {variant} step {step}: acc_1 {row["acc_1"]:.3f} '
+                     f'acc_2 {row["acc_2"]:.3f} '
                      f'acc_total {row["acc_total"]:.3f} slot 1 vs AR {row["slot1_vs_ar"]:.3f}; '
                      'slot 1 flipped by margin bin '
                      + ' '.join(f'{f:.2f}' if f is not None else '-'

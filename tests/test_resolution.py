@@ -1,10 +1,9 @@
-"""benchmarks/noise_map: the u sweep agrees with the stage evaluation at each of its points."""
+"""resolution.sweep (benchmarks/noise_map): agrees with the stage evaluation at its points."""
 
 import numpy as np
 import pytest
 
-from kforcing_jax import distill, rundir, sharding
-from kforcing_jax.benchmarks import noise_map
+from kforcing_jax import distill, resolution, rundir, sharding
 from tests.helpers.runs import teacher_then_k1_stage
 
 
@@ -16,7 +15,7 @@ def test_sweep_agreement_is_the_stage_evaluation_at_each_point(tiny_data_config,
   config = tiny_data_config
   teacher_then_k1_stage(config, tmp_path, 4, 6)
   points = 8
-  result = noise_map.sweep(config, str(tmp_path), points, 1)
+  result = resolution.sweep(config, str(tmp_path), points, 1)
   layout = sharding.layout_from_config(config)
   teachers = distill.load_teachers(config, str(tmp_path), layout, None)
   student = rundir.load_export(rundir.stage_dir(str(tmp_path), 1), layout, kind='pflm',
