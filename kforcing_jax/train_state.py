@@ -52,9 +52,11 @@ def param_average(decay: float) -> optax.GradientTransformation:
 
 def averaged_params(state: dict):
   """The parameters to evaluate and export: the optimizer's parameter average when it keeps
-  one and has seen an update (param_average), else state['params']."""
+  one and has seen an update (param_average), else state['params'] (also for a bare
+  {'params': ...}, as callers that evaluate exported parameters pass)."""
   is_average = lambda x: isinstance(x, ParamAverageState)  # noqa: E731
-  found = [x for x in jax.tree.leaves(state['opt_state'], is_leaf=is_average) if is_average(x)]
+  found = [x for x in jax.tree.leaves(state.get('opt_state', ()), is_leaf=is_average)
+           if is_average(x)]
   if not found:
     return state['params']
   average = found[0]
