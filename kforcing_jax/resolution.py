@@ -36,7 +36,8 @@ def sweep(config, workdir: str, points: int, batches: int) -> dict:
 
   @jax.jit
   def maps(tokens):
-    """(teacher tokens (U, B, N), student tokens (U, B, N), teacher probs (B, N, V))."""
+    """(teacher tokens (U, B, N), student tokens (U, B, N), teacher probs (B, N, V), teacher
+    entropy (B, N))."""
     rows, n = tokens.shape
     ar_logits, _ = ar.model.module(ar.params)(tokens)
     probs = sampling.probabilities(ar_logits)
@@ -48,7 +49,7 @@ def sweep(config, workdir: str, points: int, batches: int) -> dict:
               sampling.student_tokens(student.model.cfg, logits[..., 0, :], noise[..., 0]))
 
     teacher_tokens, student_tokens = jax.lax.map(at, us)
-    return teacher_tokens, student_tokens, probs
+    return teacher_tokens, student_tokens, probs, agreement.entropy_and_mode(ar_logits)[0]
 
   @jax.jit
   def positions(probs, tokens):
@@ -65,22 +66,20 @@ def sweep(config, workdir: str, points: int, batches: int) -> dict:
   for b in range(batches):
     batch = val_at(b)
     valid = np.asarray(jax.device_get(distill.window_mask(batch['mask'], 1)))
-    teacher_tokens, student_tokens, probs = maps(batch['tokens'])
-    t_host, s_host = np.asarray(teacher_tokens), np.asarray(student_tokens)
-    p = np.asarray(probs)
-    entropy = -np.sum(p * np.log(np.maximum(p, 1e-30)), axis=-1)
+    t_host, s_host, p, entropy = map(np.asarray, maps(batch['tokens']))
     # cumulative mass of the likeliest tokens, per window: (B, N, V) sorted descending
     cumulative = np.cumsum(-np.sort(-p, axis=-1), axis=-1)
     for r, t in zip(*np.nonzero(valid)):
       t_map, s_map = t_host[:, r, t], s_host[:, r, t]
       per_window['entropy'].append(float(entropy[r, t]))
       per_window['agreement'].append(float(np.mean(t_map == s_map)))
+      student_distinct = len(np.unique(s_map))
       per_window['teacher_distinct'].append(len(np.unique(t_map)))
-      per_window['student_distinct'].append(len(np.unique(s_map)))
+      per_window['student_distinct'].append(student_distinct)
       per_window['teacher_segments'].append(runs_along(t_map))
       per_window['student_segments'].append(runs_along(s_map))
       per_window['best_with_student_count'].append(
-          float(cumulative[r, t, len(np.unique(s_map)) - 1]))
+          float(cumulative[r, t, student_distinct - 1]))
       for count in TOP_MASS_COUNTS:
         top_mass[count].append(float(cumulative[r, t, count - 1]))
       for target in EXAMPLE_ENTROPIES:
@@ -95,7 +94,7 @@ def sweep(config, workdir: str, points: int, batches: int) -> dict:
                               'student_position': listed(s_map)}
   values = {name: np.asarray(v, np.float64) for name, v in per_window.items()}
   edges = agreement.ENTROPY_EDGES
-  bins = np.searchsorted(np.asarray(edges), values['entropy'], side='right') - 1
+  bins = np.asarray(agreement.entropy_bin(values['entropy'], edges))
   by_entropy = []
   for i, lo in enumerate(edges):
     chosen = bins == i
