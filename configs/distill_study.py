@@ -16,6 +16,10 @@ FULL = {'distill.stages': ((1, 250), (2, 150), (4, 150))}
 DEMO_RECIPE = {'distill.learning_rate': 3e-3, 'distill.target_smoothing': 0.2}
 # stage k=2 alone over the 500-step k=1 students of the demo recipe (phase 6)
 K2_SCREEN = dict(DEMO_RECIPE, **{'distill.stages': ((1, 500), (2, 100))})
+# the inverse-CDF readout (sampling.READOUTS) with the CDF in descending-probability order
+INVCDF_SORTED = {'model.readout': 'inverse_cdf', 'model.cdf_order': 'sorted',
+                 'distill.learning_rate': 3e-3}
+INVCDF_GUMBEL = dict(INVCDF_SORTED, **{'model.cdf_order': 'gumbel'})
 AUTHORS_OPTIMIZER = {'distill.learning_rate': 1e-4, 'distill.b2': 0.999, 'distill.eps': 1e-6,
                      'distill.weight_decay': 0.0, 'distill.end_learning_rate_ratio': 1.0,
                      'distill.grad_clip': 1.0, 'distill.tau_range': (1.0, 1.0)}
@@ -127,5 +131,27 @@ def get_config():
       ('k1_lr3e-3_soft0.2_batch32', dict(K1, **DEMO_RECIPE, **{'distill.batch_size': 32}),
        'the demo recipe at k=1 (250 steps) with twice the rows per step (is it updates or '
        'samples that the map\'s resolution needs? compare k1_lr3e-3_soft0.2_steps500)'),
+      # phase 9: the inverse-CDF readout in descending-probability order. In id order two
+      # nearly equal distributions still disagree wherever their CDFs drift apart by more than
+      # a token's width (every interval moves with the mass before it); in sorted order the
+      # likeliest tokens sit at the start of [0, 1) in both, so agreement degrades with the
+      # distributions' distance rather than with the id-order CDF's, and a later slot can read
+      # the earlier slot's token from a threshold on its noise (u < p_top: the top token)
+      ('k1_invcdf_sorted', dict(K1, **INVCDF_SORTED),
+       'inverse-CDF readout, per-slot KL, lr 3e-3, CDF in descending-probability order'),
+      # and with the Gumbel-max coupling (kforcing_jax/gumbel.py) in place of a CDF: the
+      # sorted student above has KL 0.024 nats / TV 0.074 to its teacher yet agrees on 0.25 of
+      # windows; the same two distributions agree on ~0.90 of noises under this coupling
+      ('k1_invcdf_gumbel', dict(K1, **INVCDF_GUMBEL),
+       'inverse-CDF readout, per-slot KL, lr 3e-3, the Gumbel-max coupling for every noise'),
+      ('full_invcdf_gumbel', dict(FULL, **INVCDF_GUMBEL),
+       'the Gumbel-coupled distributional readout through the demo schedule (lr 3e-3)',
+       'k1_invcdf_gumbel'),
+      # the stages see the first 64 tokens of each row, generation runs to 134: past position 64
+      # the k=1 student above is 10x further from its teacher (KL 0.24 vs 0.024 nats)
+      ('k1_invcdf_gumbel_rows128', dict(K1, **INVCDF_GUMBEL, **{'distill.seq_len': 128,
+                                                                 'distill.batch_size': 8}),
+       'the Gumbel-coupled readout at k=1 on whole 128-token rows (8 rows: the same windows '
+       'per step)'),
   )
   return c

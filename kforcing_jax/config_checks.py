@@ -185,6 +185,10 @@ def _distill(config, shards: int) -> None:
     _fail('distill.tau_range', tau, 'must be (lo, hi) with 0 < lo <= hi',
           '--config.distill.tau_range="(1.0, 1.0)"')
   data_weight = _number(config, 'distill.data_weight', 0.0, strict=False)
+  if data_weight > 0 and config.model.cdf_order == 'gumbel':
+    _fail('distill.data_weight', data_weight, 'needs a CDF order (noise inversion draws u inside '
+          'the real token\'s CDF interval; under model.cdf_order=gumbel its noises are no '
+          'interval)', 'set distill.data_weight=0 or model.cdf_order=id')
   if data_weight > 0 and dc.microbatches > 1:
     _fail('distill.data_weight', data_weight, f'with distill.microbatches={dc.microbatches} is '
           'not supported', 'set distill.microbatches=1 or distill.data_weight=0')

@@ -6,7 +6,9 @@ CDF(v) > u, the CDF being the cumulative sum of probabilities in that order. Two
   'id'      token-id order: the authors' sampler, which their released checkpoints learned;
   'sorted'  descending probability, ties by id: u in [0, p_top) is the most likely token, and
             the noise -> token map is monotone in rank.
-Any fixed order is an exact sampler of the distribution. The same functions produce the AR
+Any fixed order is an exact sampler of the distribution. A third rule, 'gumbel', is the
+Gumbel-max coupling (kforcing_jax/gumbel.py): exact as well, and robust to small changes of the
+distribution, but with no order in u. The same functions produce the AR
 decoder's samples, the k=1 distillation targets and the noise inversion, so all of them agree
 token for token within one order.
 
@@ -30,6 +32,8 @@ of an interval edge.
 
 import jax
 import jax.numpy as jnp
+
+from kforcing_jax import gumbel
 
 
 def probabilities(logits: jax.Array, temperature: jax.Array | float = 1.0) -> jax.Array:
@@ -64,7 +68,10 @@ def normalized_cdf(probs: jax.Array) -> jax.Array:
   return cdf / cdf[..., -1:]
 
 
-CDF_ORDERS = ('id', 'sorted')
+# 'gumbel' is not a CDF order but the third way a noise picks a token (kforcing_jax/gumbel.py,
+# the Gumbel-max coupling); it shares the field so that every place that samples with noise
+# (AR decoding, stage targets, student readout, agreement, verification) uses the same rule
+CDF_ORDERS = ('id', 'sorted', 'gumbel')
 
 
 def check_order(order: str) -> str:
@@ -76,8 +83,14 @@ def check_order(order: str) -> str:
 def inverse_cdf_from_probs(probs: jax.Array, u: jax.Array, order: str = 'id') -> jax.Array:
   """The token of noise u: first v in `order` with CDF(v) > u and probs[v] > 0.
   probs: (..., V); u in [0, 1)."""
+  # the result is an integer token: no gradient flows through it, and the sorted order's
+  # bisection (nextafter) has no differentiation rule, so a loss that also reads the sampled
+  # tokens (distill.distribution_loss) must not trace the sampler for its gradient
+  probs, u = jax.lax.stop_gradient(probs), jax.lax.stop_gradient(u)
   if check_order(order) == 'sorted':
     return _sorted_sample(probs, u)
+  if order == 'gumbel':
+    return gumbel.sample(probs, u)
   return _first_in_id_order(probs, u)
 
 
@@ -217,6 +230,10 @@ def token_cdf_interval(probs: jax.Array, tokens: jax.Array,
   """
   if check_order(order) == 'sorted':
     return _sorted_interval(probs, tokens)
+  if order == 'gumbel':
+    raise ValueError('model.cdf_order=gumbel: the noises of a token under the Gumbel-max '
+                     'coupling are not an interval (noise inversion and the noise-map plot need '
+                     'cdf_order=id or sorted).')
   return _interval_in_id_order(probs, tokens)
 
 

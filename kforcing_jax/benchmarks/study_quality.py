@@ -11,9 +11,11 @@ metrics.is_mode_seeking. Same prompts and noise key for every model and run.
       --output=results/distill_study --arms=full_lr3e-3_soft0.2,full_invcdf,k1_invcdf \
       --seeds=0,1 --later_slot_temperatures=1,0.7,0.5,0.3
 
-writes <output>/quality.json and <output>/QUALITY.md.
+writes <output>/quality.json (merged: runs scored before and not named now are kept) and
+<output>/QUALITY.md from all of it.
 """
 
+import json
 import os
 
 import jax
@@ -125,7 +127,14 @@ def main(argv):
                      f'{r["entropy"]:.3f}, distinct-2 {r["distinct_2"]:.3f}'
                      f'{"  MODE-SEEKING" if r["mode_seeking"] else ""}')
       records.append({'arm': name, 'seed': seed, 'num_samples': _SAMPLES.value, 'rows': rows})
-  progress.write_json(os.path.join(_OUTPUT.value, 'quality.json'), {'records': records})
+  # merged into what earlier invocations scored: a run scored again replaces its record
+  path = os.path.join(_OUTPUT.value, 'quality.json')
+  done = {(r['arm'], r['seed']) for r in records}
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = [r for r in json.load(f)['records'] if (r['arm'], r['seed']) not in done]
+    records = kept + records
+  progress.write_json(path, {'records': records})
   with open(os.path.join(_OUTPUT.value, 'QUALITY.md'), 'w') as f:
     f.write('# Generation quality of the study\'s students (kforcing_jax/benchmarks/'
             'study_quality.py)\n\n' + table(records))
