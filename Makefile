@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo quality compare sizes test test-fast venv clean-venv compile-tpu vocab
+.PHONY: demo quality gumbel compare sizes test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -26,6 +26,11 @@ demo: venv
 # the same pipeline trained longer (configs/shakespeare_quality.py; 1 h 29 min measured on 2 vCPUs)
 quality: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality.py --workdir=runs/quality
+
+# the demo with the Gumbel-coupled distributional readout (configs/shakespeare_gumbel.py: the
+# recipe for lossless decoding; README "The Gumbel-coupled preset")
+gumbel: venv
+	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_gumbel.py --workdir=runs/gumbel
 
 # K-Forcing beside speculative decoding, independent heads and a masked diffusion LM, trained on
 # the demo's corpus and teacher and timed in one process (README "Compared with"; resumable)

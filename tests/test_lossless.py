@@ -382,3 +382,30 @@ def test_confident_prefix_equals_the_top_k_margin(threshold):
   np.testing.assert_array_equal(got, want)
   if threshold > 0:  # a tie is margin 0: unsure at any positive threshold
     assert got[0] <= 1 and got[1] == 0
+
+
+@pytest.mark.slow
+def test_lossless_under_the_gumbel_coupling():
+  """cdf_order='gumbel' with a distributional student (readout inverse_cdf) that copies the
+  teacher: the verifier's tokens are decode's AR Gumbel-coupled samples, token for token (a flip
+  needs two scores log p + G within rounding: none expected in these ~1,100 tokens), and the
+  copied student's drafts are mostly accepted."""
+  config = tiny_config('gumbel')
+  config.model.readout = 'inverse_cdf'
+  teacher, student = models.teacher(config), models.student(config, 4)
+  t_params = params_lib.random_params(teacher, 0, head_scale=HEAD_SCALE)
+  s_params = params_lib.random_params(student, 1, head_scale=HEAD_SCALE)
+  s_params['backbone'] = jax.tree.map(jnp.copy, t_params)
+  prompts, lens = ragged_prompts(5)
+  key = jax.random.key(105)
+  out = counted_lossless(teacher, t_params, student, s_params, prompts, lens, key, 1.0, k=2)
+  ref = np.zeros((BATCH, GEN_LEN), np.int32)
+  for length in np.unique(lens):
+    rows = decode.generate_ar(teacher, t_params, jnp.asarray(prompts[:, :length]), key, 1.0,
+                              gen_len=GEN_LEN)
+    ref[lens == length] = np.asarray(rows)[lens == length]
+  tokens = np.asarray(out['tokens'])
+  for b in range(BATCH):
+    np.testing.assert_array_equal(tokens[b, lens[b]:], ref[b, lens[b]:])
+  histogram = np.asarray(out['accepted_histogram'])
+  assert histogram[1:].sum() > histogram[0], histogram
