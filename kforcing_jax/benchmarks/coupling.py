@@ -30,6 +30,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'the seed set with --arm')
 _LABEL = flags.DEFINE_string('label', None, 'the row name in the output')
 _BATCHES = flags.DEFINE_integer('batches', 2, 'held-out batches of distill.batch_size rows')
 _NOISES = flags.DEFINE_integer('noises', 64, 'noises per window for the Gumbel-max estimate')
+_SPLIT_AT = flags.DEFINE_integer('split_at', 0, 'report windows before / from this position apart '
+                                 '(0: the stage\'s trained length, distill.seq_len)')
 _OUTPUT = flags.DEFINE_string('output', 'results/distill_study/coupling.json', 'JSON path')
 flags.mark_flags_as_required(['workdir', 'label'])
 
@@ -51,7 +53,8 @@ def main(_):
     with open(_OUTPUT.value) as f:
       results = json.load(f)
   progress.log(f'[coupling] {_LABEL.value}: {_WORKDIR.value}')
-  results[_LABEL.value] = coupling.measure(config, _WORKDIR.value, _BATCHES.value, _NOISES.value)
+  results[_LABEL.value] = coupling.measure(config, _WORKDIR.value, _BATCHES.value, _NOISES.value,
+                                             _SPLIT_AT.value or None)
   for part in ('trained', 'beyond'):
     m = results[_LABEL.value].get(part)
     if m:
