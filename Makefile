@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare_tiny.py
 WORKDIR ?= runs/demo
 
-.PHONY: demo quality gumbel compare sizes test test-fast venv clean-venv compile-tpu vocab
+.PHONY: demo quality gumbel quality-gumbel compare sizes test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -31,6 +31,10 @@ quality: venv
 # recipe for lossless decoding; README "The Gumbel-coupled preset")
 gumbel: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_gumbel.py --workdir=runs/gumbel
+
+# the quality preset with that recipe (configs/shakespeare_quality_gumbel.py)
+quality-gumbel: venv
+	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality_gumbel.py --workdir=runs/quality_gumbel
 
 # K-Forcing beside speculative decoding, independent heads and a masked diffusion LM, trained on
 # the demo's corpus and teacher and timed in one process (README "Compared with"; resumable)

@@ -531,9 +531,11 @@ def agreement_markdown(results: Results) -> list[str]:
   lines = [
       '## Agreement with the AR teacher\'s own sampling map', '',
       f'{results.agreement_rows} held-out rows; every window t draws uniforms u_1..u_k and the '
-      'AR teacher samples token i = InverseCDF(p_AR(. | x<=t, tokens <i), u_i) at tau = 1 (its '
-      'own sampling map, conditioned on its own previous samples); the student emits argmax of '
-      'its logits for the same u (no frequency penalty). slot i: token i equal; prefix i: '
+      'AR teacher samples token i from p_AR(. | x<=t, tokens <i) with u_i at tau = 1 (its '
+      'own sampling map - the inverse CDF, or the Gumbel-max coupling under model.cdf_order = '
+      'gumbel - conditioned on its own previous samples); the student emits its readout (the '
+      'argmax of its logits, or its own sample with u_i for a distributional student) for the '
+      'same u (no frequency penalty). slot i: token i equal; prefix i: '
       'tokens 1..i all equal (prefix k = acc_total against the AR map). Unlike the stage '
       'acc_total (against the previous stage) this shows errors compounding through stages.', '',
       '| model | windows | ' + ' | '.join(f'slot {i}' for i in range(1, k_max + 1)) + ' | '
@@ -640,7 +642,8 @@ def lossless_markdown(results: Results) -> list[str]:
   lines = [
       '## Lossless decoding', '',
       'Each student drafts k tokens from the noises of their positions; the AR teacher scores '
-      'the draft in one pass, recomputes its own inverse-CDF token for each position\'s noise, '
+      'the draft in one pass, recomputes its own token for each position\'s noise (the same '
+      'sampling map as its decoder), '
       'keeps the agreeing prefix and emits its own token at the first mismatch (or a bonus '
       'token after k agreements): the output is the AR teacher\'s own sample for the same '
       f'noise (kforcing_jax/lossless.py). Quality over the first {rows[0].lossless.samples} '
