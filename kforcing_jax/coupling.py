@@ -84,10 +84,7 @@ def measure(config, workdir: str, batches: int, noises: int, split_at: int | Non
     config.distill.seq_len = config.data.seq_len  # whole rows: trained and untrained lengths
   layout = sharding.layout_from_config(config)
   tokenizer = data.prepared_tokenizer(config)
-  ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
-                          tokenizer=tokenizer)
-  student = rundir.load_export(rundir.stage_dir(workdir, 1), layout, kind='pflm', config=config,
-                               tokenizer=tokenizer)
+  ar, student = rundir.load_teacher_and_stage(config, workdir, 1, layout, tokenizer)
   gumbel_noises = jnp.asarray(np.random.default_rng(0).random(noises, dtype=np.float32))
 
   @jax.jit

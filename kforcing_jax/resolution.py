@@ -27,10 +27,7 @@ def runs_along(x: np.ndarray) -> int:
 def sweep(config, workdir: str, points: int, batches: int) -> dict:
   layout = sharding.layout_from_config(config)
   tokenizer = data.prepared_tokenizer(config)
-  ar = rundir.load_export(rundir.teacher_dir(workdir), layout, kind='ar', config=config,
-                          tokenizer=tokenizer)
-  student = rundir.load_export(rundir.stage_dir(workdir, 1), layout, kind='pflm', config=config,
-                               tokenizer=tokenizer)
+  ar, student = rundir.load_teacher_and_stage(config, workdir, 1, layout, tokenizer)
   order = student.model.cfg.cdf_order
   us = (jnp.arange(points, dtype=jnp.float32) + 0.5) / points
 

@@ -257,6 +257,14 @@ def load_export(directory: str, layout: sharding.Layout, *, kind: str | None = N
   return Export(model, params, meta, str(directory))
 
 
+def load_teacher_and_stage(config, workdir: str, k: int, layout: sharding.Layout, tokenizer):
+  """(the AR teacher, the stage-k student) of a run, each checked against `config`."""
+  return (load_export(teacher_dir(workdir), layout, kind='ar', config=config,
+                      tokenizer=tokenizer),
+          load_export(stage_dir(workdir, k), layout, kind='pflm', config=config,
+                      tokenizer=tokenizer))
+
+
 def load_tree(directory: str, abstract_params) -> tuple[Any, dict]:
   """The params export of a model directory whose tree is not a backbone (a baseline's extra
   heads) onto `abstract_params` (shapes and shardings): (params, meta). Shapes are checked."""

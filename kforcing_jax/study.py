@@ -279,6 +279,26 @@ def arms_of(config) -> list[Arm]:
   return [Arm(arm[0], dict(arm[1]), *arm[2:]) for arm in config.study.arms]
 
 
+def arm_config(config, name: str, seed: int):
+  """`config` with the overrides of its study arm `name` and `seed` (ValueError naming the
+  arms when there is no such arm)."""
+  arms = {a.name: a for a in arms_of(config)}
+  if name not in arms:
+    raise ValueError(f'study arm {name!r}: the config has {sorted(arms)}')
+  return apply_overrides(config, arms[name].overrides, seed)
+
+
+def finished_k1_run(config, workdir: str, arm: str = '', seed: int = 0):
+  """The config of the run in `workdir` (`config`, with study arm `arm`'s overrides and `seed`
+  when an arm is named), after checking that its stage k=1 finished (ValueError if not): what
+  the benchmarks that probe a k=1 student start from."""
+  if arm:
+    config = arm_config(config, arm, seed)
+  if not os.path.exists(rundir.eval_path(rundir.stage_dir(workdir, 1))):
+    raise ValueError(f'{workdir} has no finished stage k=1 (student_k1/eval.json).')
+  return config
+
+
 def run(config, workdir: str, *, output: str, arms: str = '', seeds: str = '') -> None:
   """Run the study of `config.study` (arms x seeds) over the teacher in `workdir`, then write
   SUMMARY.md and the curve plots. arms / seeds: comma lists selecting a subset ('' = all).

@@ -38,6 +38,22 @@ def test_every_study_arm_names_existing_fields():
     study.check_stage1_source(arm, arms)
 
 
+def test_arm_config_and_finished_k1_run(tmp_path):
+  base = distill_study.get_config()
+  config = study.arm_config(base, 'k1_invcdf_gumbel', 1)
+  assert (config.model.cdf_order, config.model.readout, config.seed) == ('gumbel', 'inverse_cdf', 1)
+  assert base.model.cdf_order == 'id'
+  with pytest.raises(ValueError, match="study arm 'nope': the config has .*'k1_base'"):
+    study.arm_config(base, 'nope', 0)
+  with pytest.raises(ValueError, match='has no finished stage k=1'):
+    study.finished_k1_run(base, str(tmp_path), 'k1_base', 0)
+  stage = tmp_path / 'student_k1'
+  stage.mkdir()
+  (stage / 'eval.json').write_text('{}')
+  assert study.finished_k1_run(base, str(tmp_path)) is base
+  assert study.finished_k1_run(base, str(tmp_path), 'k1_sorted', 0).model.cdf_order == 'sorted'
+
+
 def test_a_reused_stage1_must_have_the_same_k1_settings():
   base = study.Arm('a', {'distill.stages': ((1, 500),), 'distill.learning_rate': 3e-3})
   later = study.Arm('b', {'distill.stages': ((1, 500), (2, 100)), 'distill.learning_rate': 3e-3,

@@ -20,8 +20,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from kforcing_jax import coupling, progress, rundir
-from kforcing_jax.study import apply_overrides, arms_of
+from kforcing_jax import coupling, progress
+from kforcing_jax.study import finished_k1_run
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/distill_study.py', 'run config')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run with teacher/ and student_k1/')
@@ -37,14 +37,10 @@ flags.mark_flags_as_required(['workdir', 'label'])
 
 
 def main(_):
-  config = _CONFIG.value
-  if _ARM.value:
-    arms = {a.name: a for a in arms_of(config)}
-    if _ARM.value not in arms:
-      raise app.UsageError(f'--arm={_ARM.value!r}: the config has {sorted(arms)}')
-    config = apply_overrides(config, arms[_ARM.value].overrides, _SEED.value)
-  if not os.path.exists(rundir.eval_path(rundir.stage_dir(_WORKDIR.value, 1))):
-    raise app.UsageError(f'{_WORKDIR.value} has no finished stage k=1 (student_k1/eval.json).')
+  try:
+    config = finished_k1_run(_CONFIG.value, _WORKDIR.value, _ARM.value, _SEED.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if config.model.get('readout', 'argmax') != 'inverse_cdf':
     raise app.UsageError('--config/--arm: the student must read out a distribution '
                          '(model.readout=inverse_cdf).')

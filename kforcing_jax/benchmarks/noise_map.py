@@ -26,9 +26,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from kforcing_jax import progress, rundir
+from kforcing_jax import progress
 from kforcing_jax.resolution import markdown, plot, sweep
-from kforcing_jax.study import apply_overrides, arms_of
+from kforcing_jax.study import finished_k1_run
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/shakespeare_tiny.py', 'run config')
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'a run with teacher/ and student_k1/')
@@ -41,14 +41,10 @@ _OUTPUT = flags.DEFINE_string('output', 'results/distill_study/noise_map.json', 
 
 
 def main(_):
-  config = _CONFIG.value
-  if _ARM.value:
-    arms = {a.name: a for a in arms_of(config)}
-    if _ARM.value not in arms:
-      raise app.UsageError(f'--arm={_ARM.value!r}: the config has {sorted(arms)}')
-    config = apply_overrides(config, arms[_ARM.value].overrides, _SEED.value)
-  if not os.path.exists(rundir.eval_path(rundir.stage_dir(_WORKDIR.value, 1))):
-    raise app.UsageError(f'{_WORKDIR.value} has no finished stage k=1 (student_k1/eval.json).')
+  try:
+    config = finished_k1_run(_CONFIG.value, _WORKDIR.value, _ARM.value, _SEED.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   results = {}
   if os.path.exists(_OUTPUT.value):
     with open(_OUTPUT.value) as f:
