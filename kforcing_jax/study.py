@@ -294,8 +294,9 @@ def finished_k1_run(config, workdir: str, arm: str = '', seed: int = 0):
   the benchmarks that probe a k=1 student start from."""
   if arm:
     config = arm_config(config, arm, seed)
-  if not os.path.exists(rundir.eval_path(rundir.stage_dir(workdir, 1))):
-    raise ValueError(f'{workdir} has no finished stage k=1 (student_k1/eval.json).')
+  finished = rundir.eval_path(rundir.stage_dir(workdir, 1))
+  if not os.path.exists(finished):
+    raise ValueError(f'{workdir} has no finished stage k=1 ({finished} is missing).')
   return config
 
 
