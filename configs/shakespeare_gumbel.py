@@ -20,7 +20,11 @@ from configs import shakespeare_tiny
 
 
 def get_config():
-  c = shakespeare_tiny.get_config()
+  return with_gumbel_recipe(shakespeare_tiny.get_config())
+
+
+def with_gumbel_recipe(c):
+  """`c` with this preset's recipe (also the quality preset's: shakespeare_quality_gumbel.py)."""
   c.model.readout = 'inverse_cdf'
   c.model.cdf_order = 'gumbel'
   c.distill.target_smoothing = 0.0          # an argmax-readout loss

@@ -50,19 +50,17 @@ def gumbel_field(u: jax.Array, vocab: int) -> jax.Array:
   return -jnp.log(-jnp.log(uniform_field(u, vocab)))
 
 
-def sample(probs: jax.Array, u: jax.Array) -> jax.Array:
-  """The coupling's token (...,) for probabilities (..., V) and noises u (...,): the first
-  maximal index of log p + G(u) (zero-probability tokens score -inf and never win)."""
+def scores(probs: jax.Array, u: jax.Array) -> jax.Array:
+  """(..., V) log p + G(u) for probabilities (..., V) and noises u (...,): the coupling's token
+  is their first maximal index (sampling.inverse_cdf_from_probs takes it). Zero-probability
+  tokens score -inf and never win."""
   log_p = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
-  scores = log_p + gumbel_field(u, probs.shape[-1])
-  best = jnp.max(scores, axis=-1, keepdims=True)
-  ids = jnp.arange(probs.shape[-1], dtype=jnp.int32)
-  return jnp.min(jnp.where(scores == best, ids, probs.shape[-1]), axis=-1).astype(jnp.int32)
+  return log_p + gumbel_field(u, probs.shape[-1])
 
 
 def reference_sample(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
   """The same coupling in numpy float64 (the hash is integer arithmetic and identical; only the
-  logs are in float64): what tests compare `sample` with."""
+  logs are in float64): what tests compare the sampler with."""
   probs = np.asarray(probs, np.float64)
   bits = np.asarray(u, np.float32).view(np.uint32)
   ids = np.arange(probs.shape[-1], dtype=np.uint32)

@@ -29,6 +29,9 @@ def sweep(config, workdir: str, points: int, batches: int) -> dict:
   tokenizer = data.prepared_tokenizer(config)
   ar, student = rundir.load_teacher_and_stage(config, workdir, 1, layout, tokenizer)
   order = student.model.cfg.cdf_order
+  if order == 'gumbel':  # refused before the sweep, not at its plot's first example
+    raise ValueError('the noise map places tokens by their CDF intervals: model.cdf_order='
+                     'gumbel has none (benchmarks/coupling.py measures such students).')
   us = (jnp.arange(points, dtype=jnp.float32) + 0.5) / points
 
   @jax.jit

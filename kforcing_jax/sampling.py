@@ -90,7 +90,7 @@ def inverse_cdf_from_probs(probs: jax.Array, u: jax.Array, order: str = 'id') ->
   if check_order(order) == 'sorted':
     return _sorted_sample(probs, u)
   if order == 'gumbel':
-    return gumbel.sample(probs, u)
+    return first_argmax(gumbel.scores(probs, u)).astype(jnp.int32)
   return _first_in_id_order(probs, u)
 
 
