@@ -191,13 +191,18 @@ def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hi
   dkv = cfg.kv_heads * cfg.head_dim  # K/V width: d, or less under grouped-query attention
   act = jnp.dtype(cfg.compute_dtype).itemsize
   blocks = -(-v // sampling.CDF_BLOCK)
-  flops_row = (layers * slots * (4 * d * (d + dkv) + 4 * d * f + 4 * d * (cache_len + slots))
-               + logit_rows * 2 * d * v + hints * 20 * d * d
-               + sampled_rows * (2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks))
+  matmul_row = (layers * slots * (4 * d * (d + dkv) + 4 * d * f) + logit_rows * 2 * d * v
+                + hints * 20 * d * d
+                + sampled_rows * (2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks))
+  attention_row = layers * slots * 4 * d * (cache_len + slots)
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes)) - v * d
   bytes_row = (layers * 2 * dkv * act * (cache_len + tokens) + tokens * d * 4
                + 2 * logit_rows * v * 4 + penalty_rows * 2 * v * 4)
-  return {'flops': float(batch * flops_row), 'bytes': float(4 * weights + batch * bytes_row)}
+  return {'flops': float(batch * (matmul_row + attention_row)),
+          'bytes': float(4 * weights + batch * bytes_row),
+          'matmul_flops': float(batch * matmul_row),
+          'attention_flops': float(batch * attention_row),
+          'weight_bytes': float(4 * weights), 'activation_bytes': float(batch * bytes_row)}
 
 
 def draft_cost(student, k: int, batch: int, gen_len: int) -> dict:
@@ -246,7 +251,7 @@ def predicted_speedup(new_tokens: int, iteration_count: int, t_ar: float,
 
 def predicted_seconds(device_model: dict, costs: list[dict]) -> float:
   """speed_model's predicted time of passes run one after the other."""
-  return float(sum(speed_model.predict(device_model, c['flops'], c['bytes']) for c in costs))
+  return float(sum(speed_model.predict(device_model, c) for c in costs))
 
 
 def device_models(speed_model_result: dict, devices: list[str]) -> dict:
@@ -270,8 +275,28 @@ def prediction_source(speed_model_result: dict, path: str, devices: list[str]) -
   fit = speed_model_result['paper_predictions_from']
   return {'speed_model': path, 'fit': fit,
           'efficiencies': speed_model_result[fit]['efficiencies'],
+          'check': {key: speed_model_result[key] for key in
+                    ('held_out_worst_speedup_error', 'target_error', 'passes_check')},
           'devices': {d: speed_model_result['devices'][d] for d in devices},
           'formula': 'speed-up = new_tokens * t_AR / (iterations * t_iteration)'}
+
+
+def _fractions_text(eff: dict) -> str:
+  """The fitted fractions in words ('-' for a term the fit did not need)."""
+  f = {key: '-' if value is None else f'{value:.2f}' for key, value in eff.items()}
+  return (f'{f["matmul_fraction_of_peak"]} / {f["attention_fraction_of_peak"]} of peak '
+          f'FLOP/s in weight matmuls / attention, {f["weights_fraction_of_bandwidth"]} / '
+          f'{f["activations_fraction_of_bandwidth"]} of bandwidth reading weights / activations')
+
+
+def _check_text(source: dict) -> str:
+  check = source.get('check')
+  if check is None:
+    return ''
+  verdict = 'passes' if check['passes_check'] else 'fails'
+  return (f'; on two CPU shapes it was not fitted on its worst speed-up error is '
+          f'{100 * check["held_out_worst_speedup_error"]:.0f}%: it {verdict} its '
+          f'{100 * check["target_error"]:.0f}% check')
 
 
 def prediction_note(source: dict) -> str:
@@ -281,11 +306,9 @@ def prediction_note(source: dict) -> str:
                     for name, spec in source['devices'].items())
   return (f'The same demo models on one chip of each device ({specs}: published peaks), step '
           f'times from the calibrated speed model ({source["speed_model"]}, fit '
-          f'{source["fit"]}: {eff["flops_fraction_of_peak"]:.2f} of peak FLOP/s, '
-          f'{eff["bytes_fraction_of_bandwidth"]:.2f} of peak bandwidth, no per-step overhead - '
-          'it assumes the chip reaches the fractions this CPU did, and it fails its own '
-          'held-out CPU check, README). speed-up = n * t_AR / (iterations * t_iteration): '
-          'n new tokens per row; iterations: AR n, lossy ceil(n / k), adaptive and lossless '
+          f'{source["fit"]}: {_fractions_text(eff)}, no per-step overhead - it assumes the '
+          f'chip reaches the fractions this CPU did{_check_text(source)}). speed-up = n * '
+          't_AR / (iterations * t_iteration): n new tokens per row; iterations: AR n, lossy ceil(n / k), adaptive and lossless '
           'the loop iterations measured at that batch here; t_iteration: the k-token step '
           '(lossy), the student\'s draft pass (2k+1 slots: the last k+1 tokens and k hints; '
           'adaptive), draft + the teacher\'s verify pass over k+1 positions (lossless) - '
@@ -303,6 +326,27 @@ def predict(setting: Setting, teacher, student, batch: int, prefix_len: int, gen
   return {'batch': batch, 'iterations': count, 'ar_step_s': t_ar, 'iteration_s': t_iteration,
           'iteration_in_ar_steps': t_iteration / t_ar,
           'speedup_vs_ar': predicted_speedup(gen_len - prefix_len, count, t_ar, t_iteration)}
+
+
+def repredict(result: dict, teacher, students: dict, device_models: dict,
+              source: dict) -> dict:
+  """A copy of a frontier result (benchmarks/frontier.py's JSON) whose predicted speed-ups
+  come from other device models (e.g. a refitted speed model, `source` its
+  prediction_source), at the batch sizes each setting was timed at and with the loop
+  iterations it measured there; measured speed and quality are left as they were.
+  students: {stage: FunctionalModel}."""
+  out = {**result, 'prediction': source, 'settings': []}
+  for rec in result['settings']:
+    setting = Setting(rec['family'], rec['k'], rec['stage'], rec['freq_penalty'],
+                      rec['margin_threshold'])
+    student = None if setting.family == 'ar' else students[setting.stage]
+    measured = {row['batch']: row['iterations'] for row in rec['speed']}
+    predicted = {device: {str(b): predict(setting, teacher, student, b, result['prefix_len'],
+                                          result['gen_len'], measured[b], model)
+                          for b in sorted(measured)}
+                 for device, model in device_models.items()}
+    out['settings'].append({**rec, 'predicted': predicted})
+  return out
 
 
 # ----------------------------------------------------------------------------- measured rows

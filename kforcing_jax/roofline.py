@@ -87,6 +87,25 @@ def measure_bandwidth(num_bytes: int | None = None, repeats: int = 5) -> dict:
           'array_bytes': num_bytes}
 
 
+def measure_read_bandwidth(num_bytes: int, total_bytes: int = 1 << 31, repeats: int = 3) -> float:
+  """Bytes/s at which a one-row matmul reads a float32 (512, N) weight matrix of `num_bytes`
+  (a jitted loop of them, ~total_bytes in all, fastest of `repeats`): what a batch-1 decode
+  step gets reading its weights from wherever weights that size live - caches for a small
+  model, main memory for a large one. A matrix-vector product, not a reduction: XLA:CPU runs
+  the dot on every core and a plain reduction on one (here 100-155 vs 45-55 GB/s from the
+  caches). Each product feeds the next, so XLA cannot hoist the read out of the loop."""
+  rows = 512
+  w = jnp.ones((rows, max(128, num_bytes // (4 * rows))), jnp.float32)
+  passes = max(2, total_bytes // w.nbytes)
+
+  @jax.jit
+  def read(x, w):
+    return jax.lax.fori_loop(0, passes, lambda i, x: x + 1e-9 * (x @ w)[:, :rows], x)
+
+  return passes * w.nbytes / best_seconds(read, jnp.ones((1, rows), jnp.float32), w,
+                                          repeats=repeats)
+
+
 # ----------------------------------------------------------------------------- one step
 
 def _ar_step(model: FunctionalModel, temperature: float):
@@ -146,6 +165,8 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
   is its amortised share), the AR sampler's blockwise CDF. Bytes: every weight once
   (float32; the embedding table only for the gathered rows), the K/V cache read, the new K/V
   written, logits written and read back (and the penalty counts for k-token steps).
+  The same totals also come split by kind: matmul_flops (weights, head, noise encoder, CDF) +
+  attention_flops = flops; weight_bytes + activation_bytes (cache, logits, counts) = bytes.
   """
   cfg = model.cfg
   d, f, v, layers = cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size, cfg.num_layers
@@ -156,17 +177,24 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
     slots, new_tokens, rows, hints, cache_len = 1, 1, 1, 0, gen_len
   else:
     slots, new_tokens, rows, hints, cache_len = 2 * k, k, k, k, gen_len + k
-  per_slot_layer = 4 * d * (d + dkv) + 4 * d * f + 4 * d * (cache_len + slots)
-  flops_row = layers * slots * per_slot_layer + rows * 2 * d * v + hints * 20 * d * d
+  # weight matmuls (projections, MLP, output head, noise encoder) vs attention over the cache
+  matmul_row = (layers * slots * (4 * d * (d + dkv) + 4 * d * f) + rows * 2 * d * v
+                + hints * 20 * d * d)
+  attention_row = layers * slots * 4 * d * (cache_len + slots)
   if ar:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
     blocks = -(-v // sampling.CDF_BLOCK)
-    flops_row += 2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks
+    matmul_row += 2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes))
   weights -= v * d  # the embedding table: only the gathered rows are read
   weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)
   bytes_row = (layers * 2 * dkv * act * (cache_len + new_tokens) + new_tokens * d * 4
                + 2 * rows * v * 4 + (0 if ar else 2 * k * v * 4))
-  return {'flops': float(batch * flops_row), 'bytes': float(weight_bytes + batch * bytes_row)}
+  return {'flops': float(batch * (matmul_row + attention_row)),
+          'bytes': float(weight_bytes + batch * bytes_row),
+          # the same totals split by kind of work (speed_model prices each kind apart)
+          'matmul_flops': float(batch * matmul_row),
+          'attention_flops': float(batch * attention_row),
+          'weight_bytes': float(weight_bytes), 'activation_bytes': float(batch * bytes_row)}
 
 
 def affine_cost(cost_fn, batch_lo: int = 1, batch_hi: int = 2) -> dict:

@@ -66,8 +66,9 @@ def test_predicted_speedup_formula_on_constructed_numbers():
 
 def test_predict_composes_the_passes_with_the_speed_model():
   teacher, student = _models()
-  device = {'overhead_s': 1e-6, 's_per_flop': 1e-12, 's_per_byte': 1e-10}
-  step = lambda cost: float(speed_model.predict(device, cost['flops'], cost['bytes']))  # noqa
+  device = {'overhead_s': 1e-6, 's_per_matmul_flop': 1e-12, 's_per_attention_flop': 3e-12,
+            'weight_time_factor': 2.0, 's_per_activation_byte': 1e-10, 'weight_bandwidth': 1e10}
+  step = lambda cost: speed_model.predict(device, cost)  # noqa: E731
   prefix, gen, batch = 6, 46, 3
   t_ar = step(roofline.analytic_step_cost(teacher, 1, batch, gen))
   lossless = frontier.predict(Setting('lossless', 4, 4), teacher, student, batch, prefix, gen,
@@ -95,14 +96,18 @@ def test_predict_composes_the_passes_with_the_speed_model():
 
 def test_device_models_apply_the_fitted_fractions():
   fitted = {'paper_predictions_from': 'split_by_batch',
-            'split_by_batch': {'efficiencies': {'flops_fraction_of_peak': 0.5,
-                                                'bytes_fraction_of_bandwidth': 0.25,
+            'split_by_batch': {'efficiencies': {'matmul_fraction_of_peak': 0.5,
+                                                'attention_fraction_of_peak': 0.1,
+                                                'weights_fraction_of_bandwidth': 0.8,
+                                                'activations_fraction_of_bandwidth': 0.25,
                                                 'overhead_s': 3e-6}},
             'devices': {'chip': {'peak_flops_per_s': 1e12, 'bandwidth_bytes_per_s': 1e9,
                                  'hbm_bytes': 1}}}
   model = frontier.device_models(fitted, ['chip'])['chip']
-  assert model == {'overhead_s': 0.0, 's_per_flop': pytest.approx(2e-12),
-                   's_per_byte': pytest.approx(4e-9)}
+  assert model == {'overhead_s': 0.0, 's_per_matmul_flop': pytest.approx(2e-12),
+                   's_per_attention_flop': pytest.approx(1e-11),
+                   'weight_time_factor': pytest.approx(1.25),
+                   's_per_activation_byte': pytest.approx(4e-9), 'weight_bandwidth': 1e9}
   with pytest.raises(ValueError, match='knows'):
     frontier.device_models(fitted, ['tpu_v9'])
 
@@ -151,7 +156,11 @@ def _result():
               # timed at batch 1 only
               rec(Setting('adaptive', 4, 4, margin_threshold=1.0), 120.0, (1.5,), 2.5)]
   source = {'speed_model': 'fit.json', 'fit': 'split_by_batch',
-            'efficiencies': {'flops_fraction_of_peak': 0.6, 'bytes_fraction_of_bandwidth': 1.4},
+            'efficiencies': {'matmul_fraction_of_peak': 0.6, 'attention_fraction_of_peak': None,
+                             'weights_fraction_of_bandwidth': 1.4,
+                             'activations_fraction_of_bandwidth': 0.3, 'overhead_s': 0.0},
+            'check': {'held_out_worst_speedup_error': 0.31, 'target_error': 0.25,
+                      'passes_check': False},
             'devices': {'tpu_v5e': {'peak_flops_per_s': 197e12, 'bandwidth_bytes_per_s': 819e9}}}
   return {'device': 'cpu', 'jax_version': 'x', 'workdir': 'w', 'config': 'c', 'num_prompts': 16,
           'prefix_len': 6, 'gen_len': 128, 'quality_rows': 16, 'batch_sizes': [1, 16],
@@ -167,6 +176,9 @@ def test_frontier_points_front_table_and_plot(tmp_path):
   assert frontier.pareto_fronts(result) == {1: ['ar', 'adaptive_k4_m1', 'lossy_k4_pen0.5'],
                                             16: ['ar']}
   text = frontier.markdown(result)
+  # the prediction note names the fitted fractions and the model's own held-out check
+  assert '0.60 / - of peak FLOP/s in weight matmuls / attention' in text
+  assert 'worst speed-up error is 31%: it fails its 25% check' in text
   assert '| k=4 lossless | 100.0 [90.0, 110.0] | - | 4.000 [3.900, 4.100] | 0.800 [0.700, ' \
          '0.900] | 0/16 | 0.000 | 1.25 | 0.30x | 0.20x |' in text
   assert '| k=4 lossy, lambda 0.5 | 150.0 [135.0, 165.0] |' in text
@@ -178,3 +190,25 @@ def test_frontier_points_front_table_and_plot(tmp_path):
   frontier.plot(tmp_path / 'frontier.png', result)
   with open(tmp_path / 'frontier.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_repredict_redoes_predictions_from_the_measured_iterations_only():
+  """A refitted speed model redoes every prediction: at the batches a setting was timed at, with
+  the loop iterations it measured (ragged) or ceil(n / k) (lossy); measured rows untouched."""
+  teacher, student = _models()
+  result = _result()
+  device = {'overhead_s': 0.0, 's_per_matmul_flop': 1e-12, 's_per_attention_flop': 4e-12,
+            'weight_time_factor': 1.0, 's_per_activation_byte': 1e-11, 'weight_bandwidth': 1e9}
+  source = {'speed_model': 'refit.json'}
+  new = frontier.repredict(result, teacher, {4: student}, {'chip': device}, source)
+  assert new['prediction'] == source and result['prediction']['speed_model'] == 'fit.json'
+  by_name = {r['name']: r for r in new['settings']}
+  lossless = by_name['lossless_k4']['predicted']['chip']
+  assert sorted(lossless) == ['1', '16'] and lossless['16']['iterations'] == 100  # measured
+  assert lossless['16']['speedup_vs_ar'] == pytest.approx(frontier.predict(
+      Setting('lossless', 4, 4), teacher, student, 16, 6, 128, 100, device)['speedup_vs_ar'])
+  assert by_name['lossy_k4_pen0.5']['predicted']['chip']['1']['iterations'] == 31  # ceil(122/4)
+  assert sorted(by_name['adaptive_k4_m1']['predicted']['chip']) == ['1']  # timed at B=1 only
+  assert by_name['ar']['predicted']['chip']['16']['speedup_vs_ar'] == pytest.approx(1.0)
+  for old, redone in zip(result['settings'], new['settings']):
+    assert redone['speed'] == old['speed'] and redone['quality'] == old['quality']

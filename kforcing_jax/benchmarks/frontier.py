@@ -17,7 +17,9 @@ bootstrap intervals (evaluate.quality). The ragged loops' outputs give their ite
 mean tokens per iteration per batch. Predicted TPU speed-ups: frontier.predict with the
 calibrated speed model of --speed_model.
 
-Writes <output>/frontier.json, FRONTIER.md and frontier.png.
+Writes <output>/frontier.json, FRONTIER.md and frontier.png. --repredict measures nothing: it
+redoes the predicted speed-ups of an existing <output>/frontier.json with --speed_model (after
+a refit) and rewrites the three files.
 """
 
 import os
@@ -27,8 +29,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from kforcing_jax import cli, data, decode, evaluate, frontier, metrics, progress, sharding
-from kforcing_jax import timing
+from kforcing_jax import cli, data, decode, evaluate, frontier, metrics, models, progress
+from kforcing_jax import sharding, timing
 
 _OUTPUT = flags.DEFINE_string('output', 'results/frontier', 'Output directory.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '16', '256'], 'Batch sizes to time.')
@@ -48,6 +50,9 @@ _ADAPTIVE_BATCH_SIZES = flags.DEFINE_list(
 _SPEED_MODEL = flags.DEFINE_string('speed_model', 'results/speed_table/speed_model.json',
                                    'speed_model_fit result the TPU predictions use.')
 _DEVICES = flags.DEFINE_list('devices', ['tpu_v5e', 'tpu_v5p'], 'Devices to predict for.')
+_REPREDICT = flags.DEFINE_bool(
+    'repredict', False, 'Measure nothing: redo the predicted speed-ups of <output>/frontier.json '
+    'with --speed_model (e.g. after a refit) and rewrite its files.')
 
 
 def measure(config, workdir: str, batch_sizes: list[int], repeats: list[int], quality_rows: int,
@@ -135,15 +140,26 @@ def measure(config, workdir: str, batch_sizes: list[int], repeats: list[int], qu
           'settings': records, 'seconds': time.time() - t_start}
 
 
+def repredict(config, output: str, speed_model_path: str, devices: list[str]) -> dict:
+  """<output>/frontier.json with its predictions redone by the speed model at
+  speed_model_path (frontier.repredict); the models' shapes come from `config`."""
+  path = os.path.join(output, 'frontier.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'--repredict: {path} does not exist; run the frontier first.')
+  result = progress.read_json(path)
+  fitted = progress.read_json(speed_model_path)
+  stages = {r['stage'] for r in result['settings'] if r['family'] != 'ar'}
+  return frontier.repredict(result, models.teacher(config),
+                            {k: models.student(config, k) for k in stages},
+                            frontier.device_models(fitted, devices),
+                            frontier.prediction_source(fitted, speed_model_path, devices))
+
+
 def run(config, workdir: str) -> dict:
-  result = measure(config, workdir, [int(b) for b in _BATCH_SIZES.value],
-                   [int(r) for r in _REPEATS.value], _QUALITY_ROWS.value,
-                   [float(p) for p in _EXTRA_PENALTIES.value],
-                   [float(m) for m in _THRESHOLDS.value],
-                   [float(m) for m in _LOSSLESS_THRESHOLDS.value],
-                   [int(b) for b in _ADAPTIVE_BATCH_SIZES.value], _SPEED_MODEL.value,
-                   _DEVICES.value)
-  result['pareto_front'] = frontier.pareto_fronts(result)
+  if _REPREDICT.value:
+    result = repredict(config, _OUTPUT.value, _SPEED_MODEL.value, _DEVICES.value)
+  else:
+    result = measure_all(config, workdir)
   output = _OUTPUT.value
   if progress.is_main_process():
     progress.write_json(os.path.join(output, 'frontier.json'), result)
@@ -152,6 +168,18 @@ def run(config, workdir: str) -> dict:
     frontier.plot(os.path.join(output, 'frontier.png'), result)
   progress.log(f'[frontier] {result["seconds"]:.0f}s -> {output}/frontier.json, FRONTIER.md, '
                'frontier.png')
+  return result
+
+
+def measure_all(config, workdir: str) -> dict:
+  result = measure(config, workdir, [int(b) for b in _BATCH_SIZES.value],
+                   [int(r) for r in _REPEATS.value], _QUALITY_ROWS.value,
+                   [float(p) for p in _EXTRA_PENALTIES.value],
+                   [float(m) for m in _THRESHOLDS.value],
+                   [float(m) for m in _LOSSLESS_THRESHOLDS.value],
+                   [int(b) for b in _ADAPTIVE_BATCH_SIZES.value], _SPEED_MODEL.value,
+                   _DEVICES.value)
+  result['pareto_front'] = frontier.pareto_fronts(result)
   return result
 
 

@@ -451,3 +451,25 @@ def test_generate_main_flag_faults(tmp_path, flags, words):
   rc, stderr = run_main('kforcing_jax.main.generate', '--config=configs/test_tiny.py',
                         f'--workdir={tmp_path / "run"}', *flags)
   assert_error_line(rc, stderr, words)
+
+
+@pytest.mark.parametrize('shapes, words', [
+    ('12x2x5:1', "calibration shape '12x2x5:1': d_model, layers, heads and batch sizes"),
+    ('192x6', "calibration shape '192x6': expected 'DxL[xH]:B/B/..'"),
+    ('192x6:1/four', "calibration shape '192x6:1/four': expected"),
+])
+def test_speed_table_refuses_a_bad_calibration_shape_before_timing(tmp_path, shapes, words):
+  out = tmp_path / 'table.json'
+  rc, stderr = run_main('kforcing_jax.benchmarks.speed_table', '--config=configs/test_tiny.py',
+                        f'--calibration_shapes={shapes}', f'--output={out}')
+  assert_error_line(rc, stderr, words)
+  assert not out.exists()
+
+
+def test_speed_model_fit_refuses_a_table_without_calibration_shapes(tmp_path):
+  table = tmp_path / 'table.json'
+  table.write_text('{"k": 4, "configs": {"demo": {"role": "held_out"}}}')
+  rc, stderr = run_main('kforcing_jax.benchmarks.speed_model_fit', '--config=configs/test_tiny.py',
+                        f'--measured={table}', f'--output={tmp_path / "fit.json"}')
+  assert_error_line(rc, stderr, 'needs calibration and held-out shapes',
+                    '--calibration_shapes')
