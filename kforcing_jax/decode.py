@@ -69,10 +69,13 @@ def prefill(backbone, cache, tokens):
   return write_cache(cache, kvs, 0)
 
 
-def window_step(backbone, cache, cache_len, slots, positions, num_tokens: int):
+def window_step(backbone, cache, cache_len, slots, positions, num_tokens: int,
+                outputs_from: int = 0):
   """One decode step. slots: (B, W, D) states at `positions` (W,); the first `num_tokens`
-  slots are tokens to cache. Returns final hidden states (B, W, D) and the updated cache."""
-  hidden, kvs = backbone.window_stream(slots[:, None], positions[None, None], cache, cache_len)
+  slots are tokens to cache. Returns the final hidden states of slots outputs_from..
+  (B, W - outputs_from, D) and the updated cache."""
+  hidden, kvs = backbone.window_stream(slots[:, None], positions[None, None], cache, cache_len,
+                                       outputs_from)
   # window (k, v) are (B, 1, W, H, Dh): the token slots go into the cache, head-major
   new = [tuple(jnp.swapaxes(x[:, 0, :num_tokens], 1, 2) for x in kv) for kv in kvs]
   return hidden[:, 0], write_cache(cache, new, cache_len)
@@ -93,8 +96,10 @@ def pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty: f
   updated counts, cache)."""
   k = pending.shape[1]
   slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
-  hidden, cache = window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
-  tokens, counts = penalized_readout(backbone.logits(hidden[:, k:]), counts, freq_penalty, active,
+  # the pending tokens' final states are never read: the last layer only caches their K/V
+  hidden, cache = window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k,
+                              outputs_from=k)
+  tokens, counts = penalized_readout(backbone.logits(hidden), counts, freq_penalty, active,
                                      u, backbone.cfg.readout, backbone.cfg.cdf_order,
                                      later_slot_temperature)
   return tokens, counts, cache

@@ -178,12 +178,14 @@ def tokens_of(output) -> np.ndarray:
 # ----------------------------------------------------------------------------- cost model
 
 def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hints: int,
-              cache_len: int, sampled_rows: int = 0, penalty_rows: int = 0) -> dict:
+              cache_len: int, sampled_rows: int = 0, penalty_rows: int = 0,
+              kv_only_rows: int = 0) -> dict:
   """Hand-counted {'flops', 'bytes'} of one forward pass of `model` over `slots` positions per
   row (`tokens` of them token embeddings, whose K/V are written; the rest hint states),
   attending over a `cache_len` buffer, with `logit_rows` output-head rows, `hints` noise
   encodings, `sampled_rows` rows through the AR sampler's blockwise CDF and `penalty_rows`
-  rows of frequency-penalty counts. The counting rules of roofline.analytic_step_cost (tests:
+  rows of frequency-penalty counts; `kv_only_rows` slots stop at their K/V in the last layer.
+  The counting rules of roofline.analytic_step_cost (tests:
   with the AR step's and the k-token step's numbers it gives exactly that), for the passes of
   lossless.py's loop, which it does not cover."""
   cfg = model.cfg
@@ -193,8 +195,9 @@ def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hi
   blocks = -(-v // sampling.CDF_BLOCK)
   matmul_row = (layers * slots * (4 * d * (d + dkv) + 4 * d * f) + logit_rows * 2 * d * v
                 + hints * 20 * d * d
-                + sampled_rows * (2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks))
-  attention_row = layers * slots * 4 * d * (cache_len + slots)
+                + sampled_rows * (2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks)
+                - kv_only_rows * (2 * d * d + 4 * d * f))
+  attention_row = (layers * slots - kv_only_rows) * 4 * d * (cache_len + slots)
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes)) - v * d
   bytes_row = (layers * 2 * dkv * act * (cache_len + tokens) + tokens * d * 4
                + 2 * logit_rows * v * 4 + penalty_rows * 2 * v * 4)

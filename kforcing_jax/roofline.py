@@ -159,7 +159,8 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
   """Hand-counted {'flops', 'bytes'} of one decode step (the AR step for an AR model, else the
   student's k-token step).
 
-  FLOPs: matmuls (2 per multiply-add) of every slot through every layer, attention against
+  FLOPs: matmuls (2 per multiply-add) of every slot through every layer (the k-token step's
+  token slots only to their K/V in the last layer), attention against
   the whole preallocated cache (the decode loops mask, they do not shorten it), the output
   head for every logit row, the noise encoder for every hint (computed before the loop: this
   is its amortised share), the AR sampler's blockwise CDF. Bytes: every weight once
@@ -177,10 +178,13 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
     slots, new_tokens, rows, hints, cache_len = 1, 1, 1, 0, gen_len
   else:
     slots, new_tokens, rows, hints, cache_len = 2 * k, k, k, k, gen_len + k
-  # weight matmuls (projections, MLP, output head, noise encoder) vs attention over the cache
+  # weight matmuls (projections, MLP, output head, noise encoder) vs attention over the cache;
+  # the k-token step's last layer gives its k token slots K/V only (decode.pflm_step): no
+  # output projection, MLP or attention for them there
+  kv_only = 0 if ar else k
   matmul_row = (layers * slots * (4 * d * (d + dkv) + 4 * d * f) + rows * 2 * d * v
-                + hints * 20 * d * d)
-  attention_row = layers * slots * 4 * d * (cache_len + slots)
+                + hints * 20 * d * d - kv_only * (2 * d * d + 4 * d * f))
+  attention_row = (layers * slots - kv_only) * 4 * d * (cache_len + slots)
   if ar:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
     blocks = -(-v // sampling.CDF_BLOCK)
     matmul_row += 2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks

@@ -235,3 +235,25 @@ def test_rope_scores_depend_only_on_position_difference():
   # ... and does depend on it.
   assert abs(score(5, 0) - score(0, 0)) > 1e-2
   assert abs(score(0, 0) - float(np.sum(q * k))) < 1e-5
+
+
+@pytest.mark.parametrize('kv_heads', [2, 1])  # multi-head, grouped-query
+@pytest.mark.parametrize('drop', [1, 3, 5])
+def test_window_attention_with_only_the_last_queries_matches_the_dense_reference(kv_heads, drop):
+  """A decode step's last layer asks outputs of the hint slots only: the queries are the last
+  W - drop slots, keys and values all W; each output equals that slot's row of the dense
+  float64 reference (mask = the staircase, keys expanded to every query head)."""
+  rng = np.random.default_rng(drop * 10 + kv_heads)
+  b, n, w, h, dh, ctx_len = 2, 9, 6, 2, 8, 7
+  kc, vc = _random(rng, b, n, kv_heads, dh), _random(rng, b, n, kv_heads, dh)
+  qw = _random(rng, b, 1, w, h, dh)
+  kw, vw = _random(rng, b, 1, w, kv_heads, dh), _random(rng, b, 1, w, kv_heads, dh)
+  got = np.asarray(window_attention(qw[:, :, drop:], kw, vw, kc, vc, jnp.int32(ctx_len)))
+  assert got.shape == (b, 1, w - drop, h, dh)
+  mask = reference_mask(n, 1, w, ctx_len)
+  expand = lambda x: np.repeat(x, h // kv_heads, axis=-2)  # noqa: E731  (head j -> j // G)
+  for bi in range(b):
+    cat = lambda c, x: np.concatenate([c[bi], x[bi].reshape(w, -1, dh)], 0)  # noqa: E731
+    want = dense_attention(cat(np.zeros((b, n, h, dh)), qw), expand(cat(kc, kw)),
+                           expand(cat(vc, vw)), mask)
+    np.testing.assert_allclose(got[bi, 0], want[n + drop:], atol=TOL, rtol=TOL)

@@ -217,7 +217,11 @@ def test_analytic_step_flops_match_xla_cost_analysis(kind, k):
   model = models.teacher(config) if kind == 'ar' else models.student(config, k)
   xla = roofline.xla_step_cost(model, k, 8, 16, freq_penalty=0.5)
   analytic = roofline.analytic_step_cost(model, k, 8, 16)
-  assert analytic['flops'] == pytest.approx(xla['flops'], rel=0.15)
+  # the noise encoder runs before the loop: its amortised share (20 d^2 per hint) is in the
+  # analytic count only
+  hints = 0 if kind == 'ar' else k
+  encoder = 8 * hints * 20 * config.model.d_model ** 2
+  assert analytic['flops'] - encoder == pytest.approx(xla['flops'], rel=0.15)
   assert xla['bytes'] >= 0.9 * analytic['bytes']  # analytic = the minimal traffic
 
 

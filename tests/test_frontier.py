@@ -42,7 +42,7 @@ def test_pass_cost_reproduces_roofline_step_costs(k):
                               cache_len=40, sampled_rows=1) == \
         roofline.analytic_step_cost(teacher, 1, batch, 40)
     assert frontier.pass_cost(student, batch, slots=2 * k, tokens=k, logit_rows=k, hints=k,
-                              cache_len=40 + k, penalty_rows=k) == \
+                              cache_len=40 + k, penalty_rows=k, kv_only_rows=k) == \
         roofline.analytic_step_cost(student, k, batch, 40)
 
 

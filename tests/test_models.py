@@ -125,6 +125,32 @@ def test_hint_logits_equal_decode_step_against_a_cache(models, batch, forwards):
   assert np.abs(np.asarray(m_wrong(ps)) - np.asarray(full[:, 2])).max() > 1e-3
 
 
+def test_window_stream_outputs_from_drops_only_unread_rows(models, batch):
+  """A decode step's pending tokens stop at their K/V in the last layer (outputs_from): the
+  kept slots' final states and every layer's window K/V of all slots equal the full stream's
+  to float32 rounding (XLA fuses the two programs differently)."""
+  _, st, _, ps = models
+  tokens, u, tau = batch
+  t = 3
+
+  def stream(params, outputs_from):
+    m = st.module(params)
+    _, cache = m.backbone(tokens)
+    slots = jnp.concatenate([m.backbone.embed_tokens(tokens[:, :K]),
+                             m.hint_states(u[:, t], tau[:, None])], axis=1)[:, None]
+    positions = (t + jnp.arange(1, 2 * K + 1))[None, None]
+    return m.backbone.window_stream(slots, positions, cache, t + 1, outputs_from)
+
+  stream = jax.jit(stream, static_argnums=1)
+  full, full_kvs = stream(ps, 0)
+  kept, kvs = stream(ps, K)
+  assert kept.shape[2] == K and full.shape[2] == 2 * K
+  np.testing.assert_allclose(np.asarray(kept), np.asarray(full[:, :, K:]), atol=1e-5, rtol=1e-5)
+  for (k_full, v_full), (k_kept, v_kept) in zip(full_kvs, kvs):
+    np.testing.assert_allclose(np.asarray(k_kept), np.asarray(k_full), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(v_kept), np.asarray(v_full), atol=1e-5, rtol=1e-5)
+
+
 def _shifted_positions_window(st, params, tokens, u, tau, t=2):
   m = st.module(params)
   _, cache = m.backbone(tokens)

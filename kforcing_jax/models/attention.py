@@ -70,6 +70,12 @@ def _grouped_causal_attention(q, k, v):
   return jnp.einsum('bhgqk,bkhd->bqhgd', probs, v).reshape(q.shape)
 
 
+def own_causal(queries: int, width: int) -> jax.Array:
+  """(queries, width) mask of the own-window block when the queries are the last `queries`
+  of `width` slots: query i (slot width - queries + i) sees slots <= its own."""
+  return jnp.tri(queries, width, width - queries, dtype=bool)
+
+
 def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      ctx_k: jax.Array, ctx_v: jax.Array,
                      ctx_len: jax.Array) -> jax.Array:
@@ -80,22 +86,23 @@ def window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     so the batched matmuls read them in place (a (B, S, H, Dh) cache gets transposed by XLA
     on every decode step: 6x slower attention at batch 64 on CPU).
   ctx_len: int array broadcastable to (B, T): window t sees context keys s < ctx_len.
-  Returns (B, T, W, H, Dh). Grouped-query attention: k, v (B, T, W, Hkv, Dh) and ctx_k,
+  q may hold only the LAST Wq <= W slots of each window (k and v all W): the outputs of the
+  first W - Wq slots are then not computed (a decode step's last layer, whose token slots are
+  only cached). Returns (B, T, Wq, H, Dh).
+  Grouped-query attention: k, v (B, T, W, Hkv, Dh) and ctx_k,
   ctx_v (B, Hkv, S, Dh) with Hkv dividing H (each K/V head serves H / Hkv query heads).
   """
   if k.shape[-2] != q.shape[-2]:
     return _grouped_window_attention(q, k, v, ctx_k, ctx_v, ctx_len)
   scale = q.shape[-1] ** -0.5
   num_ctx = ctx_k.shape[2]
-  width = q.shape[2]
   ctx_scores = jnp.einsum('btwhd,bhsd->bhtws', q, ctx_k,
                           preferred_element_type=jnp.float32) * scale
   visible = jnp.arange(num_ctx) < jnp.broadcast_to(ctx_len, q.shape[:2])[:, None, :, None, None]
   ctx_scores = jnp.where(visible, ctx_scores, NEG_INF)
   own_scores = jnp.einsum('btwhd,btxhd->bhtwx', q, k,
                           preferred_element_type=jnp.float32) * scale
-  own_causal = jnp.tril(jnp.ones((width, width), dtype=bool))
-  own_scores = jnp.where(own_causal, own_scores, NEG_INF)
+  own_scores = jnp.where(own_causal(q.shape[2], k.shape[2]), own_scores, NEG_INF)
   probs = jax.nn.softmax(jnp.concatenate([ctx_scores, own_scores], axis=-1), axis=-1)
   probs = probs.astype(v.dtype)
   ctx_probs, own_probs = probs[..., :num_ctx], probs[..., num_ctx:]
@@ -109,7 +116,6 @@ def _grouped_window_attention(q, k, v, ctx_k, ctx_v, ctx_len):
   scale = q.shape[-1] ** -0.5
   qg = grouped(q, k.shape[-2])
   num_ctx = ctx_k.shape[2]
-  width = q.shape[2]
   ctx_scores = jnp.einsum('btwhgd,bhsd->bhgtws', qg, ctx_k,
                           preferred_element_type=jnp.float32) * scale
   visible = (jnp.arange(num_ctx)
@@ -117,7 +123,7 @@ def _grouped_window_attention(q, k, v, ctx_k, ctx_v, ctx_len):
   ctx_scores = jnp.where(visible, ctx_scores, NEG_INF)
   own_scores = jnp.einsum('btwhgd,btxhd->bhgtwx', qg, k,
                           preferred_element_type=jnp.float32) * scale
-  own_scores = jnp.where(jnp.tril(jnp.ones((width, width), dtype=bool)), own_scores, NEG_INF)
+  own_scores = jnp.where(own_causal(q.shape[2], k.shape[2]), own_scores, NEG_INF)
   probs = jax.nn.softmax(jnp.concatenate([ctx_scores, own_scores], axis=-1), axis=-1)
   probs = probs.astype(v.dtype)
   ctx_probs, own_probs = probs[..., :num_ctx], probs[..., num_ctx:]

@@ -187,24 +187,31 @@ class Backbone(nnx.Module):
     return (block.finish(x, attention.causal_attention(q, k, v)),
             (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)))
 
-  def window_layer(self, layer, x, positions, ctx_k, ctx_v, ctx_len):
+  def window_layer(self, layer, x, positions, ctx_k, ctx_v, ctx_len, outputs_from: int = 0):
     """Window-stream block (see attention.window_attention). x: (B, T, W, D).
 
-    Returns the new x and the window's own (k, v), each (B, T, W, H, Dh).
+    Returns the new x of slots outputs_from.. (B, T, W - outputs_from, D) - the earlier slots
+    get K/V only - and the window's own (k, v) of all W slots, each (B, T, W, H, Dh).
     """
     block = self.blocks[layer]
     q, k, v = block.project_qkv(x, positions)
+    q, x = q[:, :, outputs_from:], x[:, :, outputs_from:]
     attn = attention.window_attention(q, k, v, ctx_k, ctx_v, ctx_len)
     return block.finish(x, attn), (k, v)
 
-  def window_stream(self, x, positions, ctx_kvs, ctx_len):
+  def window_stream(self, x, positions, ctx_kvs, ctx_len, outputs_from: int = 0):
     """Run all layers over window slots x: (B, T, W, D) against per-layer context (k, v).
 
-    Returns the final hidden states (B, T, W, D) and per-layer window (k, v).
+    Returns the final hidden states of slots outputs_from.. (B, T, W - outputs_from, D) and
+    per-layer window (k, v) of all W slots. A decode step passes its token count: their final
+    states are never read, so the last layer gives them K/V only (no attention output, no
+    MLP).
     """
     kvs = []
+    last = len(ctx_kvs) - 1
     for layer, (ctx_k, ctx_v) in enumerate(ctx_kvs):
-      x, kv = self.window_layer(layer, x, positions, ctx_k, ctx_v, ctx_len)
+      x, kv = self.window_layer(layer, x, positions, ctx_k, ctx_v, ctx_len,
+                                outputs_from if layer == last else 0)
       kvs.append(kv)
     return x, kvs
 
