@@ -209,11 +209,11 @@ def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hi
 
 
 def draft_cost(student, k: int, batch: int, gen_len: int) -> dict:
-  """The student's pass in lossless.py's loop: the last k+1 final tokens and k hints, over the
-  loop's gen_len + 2k + 1 buffer, k slot logits (argmax: no sampler; the margin's top-2 of
-  the adaptive families is not counted)."""
+  """The student's pass in lossless.py's loop: the last k+1 final tokens (K/V only in the
+  last layer) and k hints, over the loop's gen_len + 2k + 1 buffer, k slot logits (argmax: no
+  sampler; the margin's top-2 of the adaptive families is not counted)."""
   return pass_cost(student, batch, slots=2 * k + 1, tokens=k + 1, logit_rows=k, hints=k,
-                   cache_len=gen_len + 2 * k + 1)
+                   cache_len=gen_len + 2 * k + 1, kv_only_rows=k + 1)
 
 
 def verify_cost(teacher, k: int, batch: int, gen_len: int) -> dict:
@@ -311,7 +311,8 @@ def prediction_note(source: dict) -> str:
           f'times from the calibrated speed model ({source["speed_model"]}, fit '
           f'{source["fit"]}: {_fractions_text(eff)}, no per-step overhead - it assumes the '
           f'chip reaches the fractions this CPU did{_check_text(source)}). speed-up = n * '
-          't_AR / (iterations * t_iteration): n new tokens per row; iterations: AR n, lossy ceil(n / k), adaptive and lossless '
+          't_AR / (iterations * t_iteration): n new tokens per row; iterations: AR n, lossy '
+          'ceil(n / k), adaptive and lossless '
           'the loop iterations measured at that batch here; t_iteration: the k-token step '
           '(lossy), the student\'s draft pass (2k+1 slots: the last k+1 tokens and k hints; '
           'adaptive), draft + the teacher\'s verify pass over k+1 positions (lossless) - '

@@ -128,8 +128,9 @@ def _ragged_loop(teacher, teacher_params, student, student_params, prompts, prom
       s_start = n - k - 1
       slots = jnp.concatenate([sb.embed_tokens(ragged.read_rows(tokens, s_start, k + 1)),
                                ragged.read_rows(all_hints, n, k)], axis=1)
-      hidden, s_cache = ragged.window_pass(sb, s_cache, slots, s_start, k + 1)
-      slot_logits = sb.logits(hidden[:, k + 1:])
+      # only the hints' final states are read: the token slots stop at their K/V
+      hidden, s_cache = ragged.window_pass(sb, s_cache, slots, s_start, k + 1, outputs_from=k + 1)
+      slot_logits = sb.logits(hidden)
       draft = sampling.student_tokens(sb.cfg, slot_logits, ragged.read_rows(all_u, n, k))
       trusted = (jnp.full((batch,), k, jnp.int32) if margin_threshold is None
                  else confident_prefix(slot_logits, margin_threshold))

@@ -57,15 +57,17 @@ def prefill(backbone, cache, tokens: jax.Array):
           for (ck, cv), (k, v) in zip(cache, new)]
 
 
-def window_pass(backbone, cache, slots: jax.Array, starts: jax.Array, num_tokens: int):
+def window_pass(backbone, cache, slots: jax.Array, starts: jax.Array, num_tokens: int,
+                outputs_from: int = 0):
   """One ragged decode pass. slots (B, W, D) sit at positions starts[b] + 0..W-1; row b sees
-  its cache positions < starts[b]. Returns final hidden states (B, W, D) and the cache with
+  its cache positions < starts[b]. Returns the final hidden states of slots outputs_from..
+  (B, W - outputs_from, D; the earlier ones get K/V only in the last layer) and the cache with
   the K/V of the first `num_tokens` slots (the token slots; hints are never cached) written
   at starts[b]."""
   width = slots.shape[1]
   positions = starts[:, None] + jnp.arange(width)[None]
   hidden, kvs = backbone.window_stream(slots[:, None], positions[:, None], cache,
-                                       starts[:, None])
+                                       starts[:, None], outputs_from)
 
   def write(c, x):  # x: (B, 1, W, H, Dh) -> the token slots, head-major, at each row's start
     x = jnp.swapaxes(x[:, 0, :num_tokens], 1, 2)
