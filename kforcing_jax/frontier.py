@@ -297,7 +297,7 @@ def _check_text(source: dict) -> str:
   if check is None:
     return ''
   verdict = 'passes' if check['passes_check'] else 'fails'
-  return (f'; on two CPU shapes it was not fitted on its worst speed-up error is '
+  return (f'; on the CPU shapes it was not fitted on its worst speed-up error is '
           f'{100 * check["held_out_worst_speedup_error"]:.0f}%: it {verdict} its '
           f'{100 * check["target_error"]:.0f}% check')
 

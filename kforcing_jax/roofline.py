@@ -2,15 +2,16 @@
 
 Per-step cost, two independent counts:
   * analytic (`analytic_step_cost`, used for the prediction): matmul FLOPs of every slot through
-    every layer, attention over the whole preallocated cache, the output head per logit row,
+    every layer (a k-token step's token slots only to their K/V in the last layer), attention
+    over the whole preallocated cache, the output head per logit row,
     the noise encoder per hint; bytes = every weight once + the KV cache read + new K/V, logits
     and penalty counts written and read. Exactly affine in the batch B (weights are read once
     per step, everything else scales with B), so `affine_cost` fits it from B = 1 and 2.
   * XLA (`xla_step_cost`): `jax.jit(step).lower(...).compile().cost_analysis()` of ONE decode
     step, the body of decode.generate_ar / generate_pflm rebuilt here from decode's own building
     blocks - not of the whole generate function, because XLA's cost analysis counts a
-    while_loop body once. Its FLOPs agree with the analytic count within a few percent (it also
-    counts elementwise work); its bytes sum the operands and results of every unfused op, an
+    while_loop body once. Its FLOPs agree with the analytic count within ~15% (it also counts
+    elementwise work; the analytic count also holds the noise encoder's amortised share); its bytes sum the operands and results of every unfused op, an
     upper bound on memory traffic (tests compare the two).
 
 The device side is measured in-process: peak matmul FLOP/s (a large square matmul in the

@@ -11,11 +11,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import test_tiny
-from kforcing_jax import checkpoints, config_checks, data, evaluate, metrics, models, report
+from kforcing_jax import checkpoints, config_checks, data, decode, evaluate, metrics, models, report
 from kforcing_jax import roofline, rundir, sharding, timing
 from tests.helpers import params as params_lib
 
@@ -223,6 +224,32 @@ def test_analytic_step_flops_match_xla_cost_analysis(kind, k):
   encoder = 8 * hints * 20 * config.model.d_model ** 2
   assert analytic['flops'] - encoder == pytest.approx(xla['flops'], rel=0.15)
   assert xla['bytes'] >= 0.9 * analytic['bytes']  # analytic = the minimal traffic
+
+
+def test_last_layer_saving_matches_what_xla_no_longer_computes(monkeypatch):
+  """The k-token step's pending tokens stop at their K/V in the last layer: the FLOPs XLA's
+  cost analysis loses against the untrimmed step (the whole window through every layer, the
+  token slots' outputs dropped after) are the analytic count's subtraction."""
+  config = tiny_config()
+  k, batch, gen_len = 2, 8, 16
+  model = models.student(config, k)
+  trimmed = roofline.xla_step_cost(model, k, batch, gen_len, freq_penalty=0.5)['flops']
+
+  def untrimmed_step(backbone, cache, pending, start, hints, u, counts, freq_penalty, active,
+                     later_slot_temperature=1.0):
+    slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
+    hidden, cache = decode.window_step(backbone, cache, start, slots,
+                                       start + jnp.arange(2 * k), k)
+    tokens, counts = decode.penalized_readout(backbone.logits(hidden[:, k:]), counts,
+                                              freq_penalty, active, u)
+    return tokens, counts, cache
+
+  monkeypatch.setattr(decode, 'pflm_step', untrimmed_step)
+  full = roofline.xla_step_cost(model, k, batch, gen_len, freq_penalty=0.5)['flops']
+  d, f = config.model.d_model, config.model.mlp_ratio * config.model.d_model
+  cache_len, slots = gen_len + k, 2 * k
+  analytic = batch * k * (2 * d * d + 4 * d * f + 4 * d * (cache_len + slots))
+  assert full - trimmed == pytest.approx(analytic, rel=0.1)
 
 
 def test_predicted_speedup_limits_and_crossover():

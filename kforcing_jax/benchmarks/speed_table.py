@@ -10,7 +10,7 @@ AR and k = --k in one process, medians. The step-time ratio is (k-step seconds /
 (AR seconds / AR steps) from those medians: a k-token student beats AR while it is below k.
 
 'large' scales the config's model to --large_d_model / --large_layers (8 x 512 by default:
-~105 MB of float32 weights, far past this CPU's caches, so a small-batch step streams its
+117 MB of float32 weights, far past this CPU's caches, so a small-batch step streams its
 weights from memory - the regime of the paper's GPUs) and times it at --large_batch_sizes only
 (its batch-256 run would take most of an hour here).
 
@@ -38,7 +38,8 @@ _CALIBRATION = flags.DEFINE_list(
     ['64x2:1/4/16/64/256', '96x4x3:1/4/16/64/256', '128x2x2:1/4/16/64/256',
      '160x4x5:1/4/16/64/256', '192x6:1/4/16/64/256', '256x8:1/4/16/64', '384x6:1/4/16/64',
      '640x6:1/4/16'],
-    "Shapes timed for speed_model_fit's calibration, 'DxL:B/B/..' (empty: none).")
+    "Shapes timed for speed_model_fit's calibration, 'DxL[xH]:B/B/..' (heads default to "
+    "d_model / 64; empty: none).")
 
 
 def parse_shapes(specs: list[str]) -> list[tuple[int, int, int, list[int]]]:

@@ -63,7 +63,7 @@ for batch in [int(b) for b in sys.argv[2:]]:
       times[name].append(time.perf_counter() - t0)
   m = {name: float(np.median(v)) for name, v in times.items()}
   same = all((outs[a + '_before'] == outs[a + '_after']).all() for a in ('ar', 'k4'))
-  print(f'B={batch} same_tokens={same} '
+  print(f'B={batch} rounds={reps} same_tokens={same} '
         + ' '.join(f'{name}={v * 1e3:.1f}ms' for name, v in m.items())
         + f' | k4 after/before {m["k4_after"] / m["k4_before"]:.3f}'
         f' | AR after/before {m["ar_after"] / m["ar_before"]:.3f}'
