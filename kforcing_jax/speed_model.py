@@ -47,17 +47,23 @@ def design_row(cost: dict, weight_bandwidth) -> np.ndarray:
                    cost['activation_bytes']], np.float64)
 
 
-def fit(costs: list[dict], seconds, weight_bandwidth) -> dict:
-  """The coefficients (all >= 0) minimising the squared relative error of the predicted
-  against the measured `seconds` of steps with these analytic costs; `weight_bandwidth` is the
-  device's (see weight_bandwidth_at) and is kept in the model."""
+def fit_columns(design, seconds) -> np.ndarray:
+  """Coefficients c >= 0 minimising sum((design @ c / seconds - 1)^2): the relative-error
+  non-negative least squares every additive form here is fitted with."""
   seconds = np.asarray(seconds, np.float64)
-  design = np.stack([design_row(c, weight_bandwidth) for c in costs]) / seconds[:, None]
+  design = np.asarray(design, np.float64) / seconds[:, None]
   # columns scaled to unit size so NNLS is well conditioned; scaled back after
   scale = np.abs(design).max(axis=0)
   scale[scale == 0] = 1.0
   coef, _ = optimize.nnls(design / scale, np.ones_like(seconds))
-  coef = coef / scale
+  return coef / scale
+
+
+def fit(costs: list[dict], seconds, weight_bandwidth) -> dict:
+  """The coefficients (all >= 0) minimising the squared relative error of the predicted
+  against the measured `seconds` of steps with these analytic costs; `weight_bandwidth` is the
+  device's (see weight_bandwidth_at) and is kept in the model."""
+  coef = fit_columns([design_row(c, weight_bandwidth) for c in costs], seconds)
   out = {name: float(c) for name, c in zip(COEFFICIENTS, coef)}
   out['weight_bandwidth'] = weight_bandwidth
   return out

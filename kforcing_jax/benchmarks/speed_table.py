@@ -50,11 +50,11 @@ def parse_shapes(specs: list[str]) -> list[tuple[int, int, int, list[int]]]:
     try:
       shape, batches = spec.split(':')
       dims = [int(x) for x in shape.lower().split('x')]
+      if len(dims) not in (2, 3):
+        raise ValueError
       d, layers = dims[:2]
       heads = dims[2] if len(dims) == 3 else max(1, d // 64)
       sizes = [int(b) for b in batches.split('/')]
-      if len(dims) not in (2, 3):
-        raise ValueError
     except ValueError:
       raise ValueError(f"calibration shape {spec!r}: expected 'DxL[xH]:B/B/..', e.g. "
                        "'192x6:1/4/16' or '96x4x3:1/16'.") from None

@@ -4,8 +4,8 @@
       > results/speed_table/form_selection.txt
 
 Every form is linear in its non-negative coefficients, fitted as speed_model.fit does (NNLS on
-relative error), on the analytic costs of roofline.analytic_step_cost. For each form: each
-calibration shape is left out of a fit on the others in turn (the error of its predicted
+relative error: speed_model.fit_columns), on the analytic costs of
+roofline.analytic_step_cost. For each form: each calibration shape is left out of a fit on the others in turn (the error of its predicted
 k-token speed-ups: 'CV'), then one fit on all calibration shapes is checked on the held-out
 demo and large shapes. The selection rule is the CV mean, which never looks at the held-out
 shapes. F1 is kforcing_jax/speed_model.py. Reads results/speed_table/speed_table.json and the
@@ -15,7 +15,6 @@ weight read-bandwidth table of results/speed_table/speed_model.json.
 import json
 
 import numpy as np
-from scipy import optimize
 
 from configs import shakespeare_tiny
 from kforcing_jax import models, roofline, speed_model
@@ -68,12 +67,8 @@ def points():
 
 
 def fit(train, cols):
-  x = np.array([[p['x'][c] for c in cols] for p in train])
-  x /= np.array([p['seconds'] for p in train])[:, None]
-  scale = np.abs(x).max(axis=0)
-  scale[scale == 0] = 1.0
-  coef, _ = optimize.nnls(x / scale, np.ones(len(train)))
-  return coef / scale
+  return speed_model.fit_columns([[p['x'][c] for c in cols] for p in train],
+                                 [p['seconds'] for p in train])
 
 
 def speedup_errors(pts, name, cols, coef):
