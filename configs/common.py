@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   # a student's slot logits -> token: argmax (the paper's; the released checkpoints) |
   # inverse_cdf (sample the slot's distribution with its own noise; sampling.READOUTS)
   c.model.readout = 'argmax'
+  # slots 2..k read the earlier slots' tokens through one more block (models/pflm.py; ours,
+  # not the paper's student: the released checkpoints have no such block)
+  c.model.token_feedback = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32            # global batch

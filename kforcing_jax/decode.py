@@ -90,19 +90,48 @@ def ar_step(backbone, cache, token, pos, u, temperature):
 
 
 def pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty: float, active,
-              later_slot_temperature: float = 1.0):
+              later_slot_temperature: float = 1.0, student=None):
   """The k-token loop body: pending tokens (B, k) at start..start+k-1 and hint states
   (B, k, D) for start+k..start+2k-1, made from the noises u (B, k) -> (k tokens (B, k),
-  updated counts, cache)."""
+  updated counts, cache). `student` (the PushForwardLM module of `backbone`) is needed when
+  it has token feedback: its later slots are read after the earlier ones are picked."""
   k = pending.shape[1]
   slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
   # the pending tokens' final states are never read: the last layer only caches their K/V
   hidden, cache = window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k,
                               outputs_from=k)
-  tokens, counts = penalized_readout(backbone.logits(hidden), counts, freq_penalty, active,
-                                     u, backbone.cfg.readout, backbone.cfg.cdf_order,
-                                     later_slot_temperature)
-  return tokens, counts, cache
+  cfg = backbone.cfg
+  if not cfg.token_feedback:
+    tokens, counts = penalized_readout(backbone.logits(hidden), counts, freq_penalty, active,
+                                       u, cfg.readout, cfg.cdf_order, later_slot_temperature)
+    return tokens, counts, cache
+  if student is None:
+    raise ValueError('a student with token feedback decodes through its own module: pass '
+                     'student= to pflm_step.')
+  counted = [counts]
+
+  def pick(j, logits):  # logits (B, 1, V): one window per row
+    token, counted[0] = readout_slot(j, logits[:, 0], counted[0], freq_penalty, active, u,
+                                     cfg.readout, cfg.cdf_order, later_slot_temperature)
+    return token[:, None]
+
+  # the pending tokens are in the cache now: the feedback block sees them as context
+  _, tokens = student.slot_readout(hidden[:, None], (start + k + jnp.arange(k))[None, None],
+                                   cache[-1], start + k, pick)
+  return tokens[:, 0], counted[0], cache
+
+
+def readout_slot(j: int, logits, counts, freq_penalty: float, active, u=None,
+                 readout: str = 'argmax', order: str = 'id',
+                 later_slot_temperature: float = 1.0):
+  """Slot j's token (B,) from its logits (B, V) and the updated counts (penalized_readout)."""
+  no_penalty = isinstance(freq_penalty, (int, float)) and freq_penalty == 0
+  scores = logits if no_penalty else logits - freq_penalty * counts
+  if j and later_slot_temperature != 1.0:
+    scores = scores / later_slot_temperature
+  token = sampling.readout_tokens(scores, None if u is None else u[:, j], readout, order)
+  rows = jnp.arange(logits.shape[0])
+  return token, counts.at[rows, token].add(active[:, j].astype(counts.dtype))
 
 
 def penalized_readout(logits, counts, freq_penalty: float, active, u=None,
@@ -120,15 +149,10 @@ def penalized_readout(logits, counts, freq_penalty: float, active, u=None,
   vocabulary pass per slot); with no penalty the counts do not change the tokens, so the
   argmax reads the logits alone.
   """
-  no_penalty = isinstance(freq_penalty, (int, float)) and freq_penalty == 0
-  rows = jnp.arange(logits.shape[0])
   tokens = []
   for j in range(logits.shape[1]):
-    scores = logits[:, j] if no_penalty else logits[:, j] - freq_penalty * counts
-    if j and later_slot_temperature != 1.0:
-      scores = scores / later_slot_temperature
-    token = sampling.readout_tokens(scores, None if u is None else u[:, j], readout, order)
-    counts = counts.at[rows, token].add(active[:, j].astype(counts.dtype))
+    token, counts = readout_slot(j, logits[:, j], counts, freq_penalty, active, u, readout,
+                                 order, later_slot_temperature)
     tokens.append(token)
   return jnp.stack(tokens, axis=1), counts
 
@@ -235,7 +259,7 @@ def pflm_decode_loop(model: FunctionalModel, params, prompts, key, tau=1.0, *, g
         backbone, cache, jax.lax.dynamic_slice_in_dim(tokens, start, k, axis=1), start,
         jax.lax.dynamic_slice_in_dim(all_hints, start + k, k, axis=1),
         jax.lax.dynamic_slice_in_dim(all_u, start + k, k, axis=1), counts, freq_penalty,
-        active, later_slot_temperature)
+        active, later_slot_temperature, student)
     new = jnp.where(active, new, cfg.mask_id)
     tokens = _rows(jax.lax.dynamic_update_slice_in_dim(tokens, new, start + k, axis=1))
     if eos_id is not None:

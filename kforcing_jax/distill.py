@@ -70,9 +70,14 @@ def student_rollout(teacher: FunctionalModel, params, tokens, u, tau):
   slots = jnp.concatenate([backbone.embed_tokens(first),
                            student.hint_states(u[..., m:], tau[:, None, None])], axis=2)
   positions = jnp.arange(n)[:, None] + jnp.arange(1, 2 * m + 1)[None, :]
-  hidden, _ = backbone.window_stream(slots, positions[None], ctx_kvs, (jnp.arange(n) + 1)[None])
-  second_logits = backbone.logits(hidden[:, :, m:])
-  second = sampling.student_tokens(teacher.cfg, second_logits, u[..., m:])
+  ctx_len = (jnp.arange(n) + 1)[None]
+  hidden, kvs = backbone.window_stream(slots, positions[None], ctx_kvs, ctx_len)
+  pick = lambda j, logits: sampling.student_tokens(  # noqa: E731
+      teacher.cfg, logits, u[..., m + j])
+  # under token feedback the second half's later slots also read the first half's tokens
+  second_logits, second = student.slot_readout(
+      hidden[:, :, m:], positions[None, :, m:], ctx_kvs[-1], ctx_len, pick,
+      prefix_kv=tuple(x[:, :, :m] for x in kvs[-1]))
   return (jnp.concatenate([first, second], axis=-1),
           jnp.concatenate([first_logits, second_logits], axis=2))
 
@@ -179,7 +184,9 @@ def distribution_loss(student: FunctionalModel, teacher: FunctionalModel, params
   k = student.k_max
   tokens, u, tau = batch['tokens'], batch['u'], batch['tau']
   targets, q = jax.lax.stop_gradient(stage_distributions(teacher, teacher_params, tokens, u, tau))
-  logits, _ = student.module(params)(tokens, u, tau)
+  # token feedback is trained on the teacher's tokens (its later slots learn the teacher's
+  # conditionals); the held-out metrics (make_stage_eval) feed the student's own tokens
+  logits, _ = student.module(params)(tokens, u, tau, fed=targets)
   windows = window_mask(batch['mask'], k)
   predicted = sampling.student_tokens(student.cfg, logits, u)
   _, acc_i, acc_total, denom = slot_metrics(logits, targets, windows, predicted)
@@ -217,7 +224,7 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
         student_rollout(teacher, teacher_params, tokens, u, tau))
   else:
     targets = jax.lax.stop_gradient(stage_targets(teacher, teacher_params, tokens, u, tau))
-  logits, _ = student.module(params)(tokens, u, tau)
+  logits, _ = student.module(params)(tokens, u, tau, fed=targets)
   windows = window_mask(batch['mask'], k)
   loss_i, acc_i, acc_total, denom = slot_metrics(logits, targets, windows)
   # the plain mean unless the inherited slots are re-weighted (the same arithmetic as before)
@@ -248,7 +255,8 @@ def distill_loss(student: FunctionalModel, teacher: FunctionalModel, dc, params,
   metrics['acc_total'] = acc_total
   if dc.data_weight > 0:
     u_inv, real, valid = inverted_noise(ar_params[0], ar_params[1], tokens, k, batch['r'], tau)
-    data_logits, _ = student.module(params)(tokens, jax.lax.stop_gradient(u_inv), tau)
+    data_logits, _ = student.module(params)(tokens, jax.lax.stop_gradient(u_inv), tau,
+                                            fed=real)
     w = window_mask(batch['mask'], k) & jnp.all(valid, axis=-1)
     data_loss_i, *_ = slot_metrics(data_logits, real, w)
     metrics['data_loss'] = data_loss_i.mean()

@@ -130,8 +130,13 @@ def _ragged_loop(teacher, teacher_params, student, student_params, prompts, prom
                                ragged.read_rows(all_hints, n, k)], axis=1)
       # only the hints' final states are read: the token slots stop at their K/V
       hidden, s_cache = ragged.window_pass(sb, s_cache, slots, s_start, k + 1, outputs_from=k + 1)
-      slot_logits = sb.logits(hidden)
-      draft = sampling.student_tokens(sb.cfg, slot_logits, ragged.read_rows(all_u, n, k))
+      draft_u = ragged.read_rows(all_u, n, k)
+      # the token slots are cached now: a feedback block sees them as context
+      slot_logits, draft = sm.slot_readout(
+          hidden[:, None], (s_start + k + 1)[:, None, None] + jnp.arange(k), s_cache[-1],
+          (s_start + k + 1)[:, None],
+          lambda j, logits: sampling.student_tokens(sb.cfg, logits, draft_u[:, None, j]))
+      slot_logits, draft = slot_logits[:, 0], draft[:, 0]
       trusted = (jnp.full((batch,), k, jnp.int32) if margin_threshold is None
                  else confident_prefix(slot_logits, margin_threshold))
     else:

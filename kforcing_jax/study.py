@@ -33,7 +33,9 @@ class Arm:
 # overrides that change only the stages k >= 2 (and the schedule, whose first stage is checked
 # apart): an arm may differ from its `stage1_from` arm in these and nothing else
 LATER_STAGE_FIELDS = ('distill.stages', 'distill.later_learning_rate', 'distill.logit_matching',
-                      'distill.inherited_slot_weight')
+                      'distill.inherited_slot_weight',
+                      # a k = 1 student has no feedback block (models/pflm.py)
+                      'model.token_feedback')
 
 
 def check_stage1_source(arm: Arm, arms: list[Arm]) -> None:

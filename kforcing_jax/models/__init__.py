@@ -56,7 +56,8 @@ def backbone_config(model_cfg) -> BackboneConfig:
                         num_kv_heads=0 if kv_heads == model_cfg.num_heads else kv_heads,
                         dtype=model_cfg.dtype,
                         remat=remat, cdf_order=cdf_order, noise_scale=noise_scale,
-                        readout=readout)
+                        readout=readout,
+                        token_feedback=bool(model_cfg.get('token_feedback', False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,8 @@ def from_shapes(shapes: dict, *, vocab_size: int, mask_id: int, dtype: str = 'fl
   if kind is None:
     raise ValueError(f'not a model of this project: top-level tensors {sorted(shapes)}.')
   backbone = shapes['backbone'] if kind == 'pflm' else shapes
+  if kind == 'pflm':  # the feedback block's tensors say whether the student has one
+    recorded = {**recorded, 'token_feedback': 'feedback' in shapes}
   cfg = config_from_shapes(backbone, vocab_size, mask_id, dtype, **recorded)
   model = FunctionalModel(cfg, kind, k_max=k_max)
   difference = shape_difference(model.param_shapes, shapes)

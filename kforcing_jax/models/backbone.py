@@ -63,6 +63,9 @@ class BackboneConfig:
   # how a student turns a slot's logits into its token (sampling.READOUTS): 'argmax' (the
   # paper's) or 'inverse_cdf' (the slot's distribution sampled with the slot's own noise)
   readout: str = 'argmax'
+  # a student's slots 2..k read the tokens of the slots before them (models/pflm.py,
+  # `PushForwardLM.slot_readout`): one extra block per later slot; False is the paper's student
+  token_feedback: bool = False
 
   @property
   def head_dim(self) -> int:
