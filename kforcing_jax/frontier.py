@@ -179,12 +179,13 @@ def tokens_of(output) -> np.ndarray:
 
 def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hints: int,
               cache_len: int, sampled_rows: int = 0, penalty_rows: int = 0,
-              kv_only_rows: int = 0) -> dict:
+              kv_only_rows: int = 0, feedback_slots: int = 0) -> dict:
   """Hand-counted {'flops', 'bytes'} of one forward pass of `model` over `slots` positions per
   row (`tokens` of them token embeddings, whose K/V are written; the rest hint states),
   attending over a `cache_len` buffer, with `logit_rows` output-head rows, `hints` noise
   encodings, `sampled_rows` rows through the AR sampler's blockwise CDF and `penalty_rows`
-  rows of frequency-penalty counts; `kv_only_rows` slots stop at their K/V in the last layer.
+  rows of frequency-penalty counts; `kv_only_rows` slots stop at their K/V in the last layer;
+  `feedback_slots` slots are read through a student's token-feedback block (one row per pass).
   The counting rules of roofline.analytic_step_cost (tests:
   with the AR step's and the k-token step's numbers it gives exactly that), for the passes of
   lossless.py's loop, which it does not cover."""
@@ -201,6 +202,14 @@ def pass_cost(model, batch: int, *, slots: int, tokens: int, logit_rows: int, hi
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes)) - v * d
   bytes_row = (layers * 2 * dkv * act * (cache_len + tokens) + tokens * d * 4
                + 2 * logit_rows * v * 4 + penalty_rows * 2 * v * 4)
+  passes = max(feedback_slots - 1, 0)
+  if passes:  # row 0's projections, then one block row per pass against the cache
+    matmul_row += 2 * d * (d + 2 * dkv) + passes * (4 * d * (d + dkv) + 4 * d * f + 2 * d * d)
+    attention_row += sum(4 * d * (cache_len + j + 1) for j in range(1, feedback_slots))
+    block = sum(math.prod(x.shape) for x in jax.tree.leaves(
+        (model.param_shapes['feedback'], model.param_shapes['feedback_in'])))
+    weights += (passes - 1) * block + d * (d + 2 * dkv) + passes * (d + 1) * v
+    bytes_row += passes * 2 * dkv * act * cache_len
   return {'flops': float(batch * (matmul_row + attention_row)),
           'bytes': float(4 * weights + batch * bytes_row),
           'matmul_flops': float(batch * matmul_row),
@@ -213,7 +222,8 @@ def draft_cost(student, k: int, batch: int, gen_len: int) -> dict:
   last layer) and k hints, over the loop's gen_len + 2k + 1 buffer, k slot logits (argmax: no
   sampler; the margin's top-2 of the adaptive families is not counted)."""
   return pass_cost(student, batch, slots=2 * k + 1, tokens=k + 1, logit_rows=k, hints=k,
-                   cache_len=gen_len + 2 * k + 1, kv_only_rows=k + 1)
+                   cache_len=gen_len + 2 * k + 1, kv_only_rows=k + 1,
+                   feedback_slots=k if 'feedback' in student.param_shapes else 0)
 
 
 def verify_cost(teacher, k: int, batch: int, gen_len: int) -> dict:

@@ -188,21 +188,26 @@ def analytic_step_cost(model: FunctionalModel, k: int, batch: int, gen_len: int)
   attention_row = (layers * slots - kv_only) * 4 * d * (cache_len + slots)
   feedback = not ar and k > 1 and 'feedback' in model.param_shapes
   if feedback:
-    # token feedback (PushForwardLM.slot_readout): row 0's K/V, then pass j = 1..k-1 runs one
-    # block over row j (fed a token: a d x d projection) against the cache and rows 0..j
-    matmul_row += 2 * d * 2 * dkv + (k - 1) * (4 * d * (d + dkv) + 4 * d * f + 2 * d * d)
+    # token feedback (PushForwardLM.slot_readout): row 0's projections (q computed, unused),
+    # then pass j = 1..k-1 runs one block over row j (fed a token: a d x d projection)
+    # against the cache and rows 0..j
+    matmul_row += 2 * d * (d + 2 * dkv) + (k - 1) * (4 * d * (d + dkv) + 4 * d * f + 2 * d * d)
     attention_row += sum(4 * d * (cache_len + j + 1) for j in range(1, k))
   if ar:  # the sampler's blockwise CDF (sampling.normalized_cdf): two matmuls
     blocks = -(-v // sampling.CDF_BLOCK)
     matmul_row += 2 * blocks * sampling.CDF_BLOCK ** 2 + 2 * blocks * blocks
   weights = sum(math.prod(x.shape) for x in jax.tree.leaves(model.param_shapes))
   weights -= v * d  # the embedding table: only the gathered rows are read
-  if feedback:  # its k - 1 sequential passes each read the block's weights
-    weights += (k - 2) * sum(math.prod(x.shape) for x in jax.tree.leaves(
-        {'feedback': model.param_shapes['feedback'], 'in': model.param_shapes['feedback_in']}))
-  weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)
   bytes_row = (layers * 2 * dkv * act * (cache_len + new_tokens) + new_tokens * d * 4
                + 2 * rows * v * 4 + (0 if ar else 2 * k * v * 4))
+  if feedback:
+    # sequential reads: the block's weights once per pass, its projections once more for row
+    # 0, the output head once per slot, the last layer's cache once per pass
+    weights += ((k - 2) * sum(math.prod(x.shape) for x in jax.tree.leaves(
+        {'feedback': model.param_shapes['feedback'], 'in': model.param_shapes['feedback_in']}))
+        + d * (d + 2 * dkv) + (k - 1) * (d + 1) * v)
+    bytes_row += (k - 1) * 2 * dkv * act * cache_len
+  weight_bytes = 4 * weights  # parameters stay float32 (cast to the compute dtype in use)
   return {'flops': float(batch * (matmul_row + attention_row)),
           'bytes': float(weight_bytes + batch * bytes_row),
           # the same totals split by kind of work (speed_model prices each kind apart)

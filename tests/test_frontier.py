@@ -11,8 +11,9 @@ from kforcing_jax import frontier, models, report, roofline, speed_model
 from kforcing_jax.frontier import Setting
 
 
-def _models(k: int = 4):
+def _models(k: int = 4, feedback: bool = False):
   config = test_tiny.get_config()
+  config.model.token_feedback = feedback
   return models.teacher(config), models.student(config, k)
 
 
@@ -33,16 +34,19 @@ def test_settings_names_and_order():
     Setting('speculative', 4, 4)
 
 
-@pytest.mark.parametrize('k', [1, 2, 4])
-def test_pass_cost_reproduces_roofline_step_costs(k):
-  """Two independent counts agree: pass_cost with a step's numbers is roofline's count."""
-  teacher, student = _models(k)
+@pytest.mark.parametrize('k, feedback', [(1, False), (2, False), (4, False), (2, True),
+                                         (4, True)])
+def test_pass_cost_reproduces_roofline_step_costs(k, feedback):
+  """Two independent counts agree: pass_cost with a step's numbers is roofline's count (a
+  student with token feedback reads its k slots through the block)."""
+  teacher, student = _models(k, feedback)
   for batch in (1, 7):
     assert frontier.pass_cost(teacher, batch, slots=1, tokens=1, logit_rows=1, hints=0,
                               cache_len=40, sampled_rows=1) == \
         roofline.analytic_step_cost(teacher, 1, batch, 40)
     assert frontier.pass_cost(student, batch, slots=2 * k, tokens=k, logit_rows=k, hints=k,
-                              cache_len=40 + k, penalty_rows=k, kv_only_rows=k) == \
+                              cache_len=40 + k, penalty_rows=k, kv_only_rows=k,
+                              feedback_slots=k if feedback else 0) == \
         roofline.analytic_step_cost(student, k, batch, 40)
 
 
