@@ -149,6 +149,19 @@ def get_config():
        'k1_invcdf_gumbel'),
       # the stages see the first 64 tokens of each row, generation runs to 128: past position 64
       # the k=1 student above is 10x further from its teacher (KL 0.24 vs 0.024 nats)
+      # phase 10: under the Gumbel-max coupling a later slot cannot compute the earlier slots'
+      # tokens from their noises (full_invcdf_gumbel's slot 2 agrees 0.46 - a mixture over slot
+      # 1's tokens); token feedback gives slots 2..k those tokens through one more block
+      ('full_invcdf_gumbel_feedback',
+       dict(FULL, **INVCDF_GUMBEL, **{'model.token_feedback': True}),
+       'full_invcdf_gumbel with token feedback (model.token_feedback): slot j >= 2 reads slot '
+       "j-1's token (teacher-forced in training, its own when evaluated and decoded)",
+       'k1_invcdf_gumbel'),
+      ('full_invcdf_gumbel_feedback_long',
+       dict(FULL, **INVCDF_GUMBEL, **{'model.token_feedback': True,
+                                       'distill.stages': ((1, 250), (2, 300), (4, 300))}),
+       'full_invcdf_gumbel_feedback with twice the steps at k=2 and k=4 (its curves were still '
+       'rising at 150)', 'k1_invcdf_gumbel'),
       ('k1_invcdf_gumbel_rows128', dict(K1, **INVCDF_GUMBEL, **{'distill.seq_len': 128,
                                                                  'distill.batch_size': 8}),
        'the Gumbel-coupled readout at k=1 on whole 128-token rows (8 rows: the same windows '
