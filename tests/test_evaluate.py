@@ -236,7 +236,7 @@ def test_last_layer_saving_matches_what_xla_no_longer_computes(monkeypatch):
   trimmed = roofline.xla_step_cost(model, k, batch, gen_len, freq_penalty=0.5)['flops']
 
   def untrimmed_step(backbone, cache, pending, start, hints, u, counts, freq_penalty, active,
-                     later_slot_temperature=1.0):
+                     later_slot_temperature=1.0, student=None):  # no token feedback here
     slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
     hidden, cache = decode.window_step(backbone, cache, start, slots,
                                        start + jnp.arange(2 * k), k)

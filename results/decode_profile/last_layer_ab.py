@@ -19,7 +19,7 @@ from kforcing_jax.benchmarks.decode_speed import random_export
 
 
 def old_pflm_step(backbone, cache, pending, start, hints, u, counts, freq_penalty, active,
-                  later_slot_temperature=1.0):
+                  later_slot_temperature=1.0, student=None):  # the demo has no token feedback
   k = pending.shape[1]
   slots = jnp.concatenate([backbone.embed_tokens(pending), hints], axis=1)
   hidden, cache = decode.window_step(backbone, cache, start, slots, start + jnp.arange(2 * k), k)
