@@ -47,8 +47,13 @@ def test_k1_target_is_the_ar_decoders_token():
 def test_double_forward_equals_cached_two_step_decoding(m):
   ar, ar_params = random_ar()
   teacher, params = random_student(m, ar_params)
+  check_double_forward(teacher, params, m)
+
+
+def check_double_forward(teacher, params, m):
+  """The stage-2m targets of a stage-m teacher equal decoding each window with it, k = m."""
   batch, n = 2, 9
-  tokens = jax.random.randint(jax.random.key(3), (batch, n), 1, 64)
+  tokens = jax.random.randint(jax.random.key(3), (batch, n), 1, teacher.cfg.num_real_tokens)
   key = jax.random.key(11)
   # slot i of window t uses the decoder's noise for position t + i
   u_pos = decode.position_uniforms(key, jnp.arange(n + 2 * m + 1), batch)

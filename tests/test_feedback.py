@@ -20,6 +20,7 @@ from configs import test_tiny
 from kforcing_jax import decode, distill, lossless, models, roofline, sampling
 from kforcing_jax.models.pflm import init_from
 from tests.helpers import params as params_lib
+from tests.test_distill import check_double_forward
 from tests.test_decode import (BATCH, GEN_LEN, PREFIX_LEN, random_prompts,
                                with_noise_sensitive_hints, window_uniforms)
 
@@ -104,16 +105,7 @@ def test_decode_equals_the_all_windows_forward(k, order, readout):
 
 def test_double_forward_equals_cached_two_step_decoding():
   teacher, params = feedback_student(k_max=2, seed=3)
-  batch, n, m = 2, 9, 2
-  tokens = jax.random.randint(jax.random.key(3), (batch, n), 1, 256)
-  key = jax.random.key(11)
-  u_pos = decode.position_uniforms(key, jnp.arange(n + 2 * m + 1), batch)
-  u = jnp.stack([u_pos[:, i:i + n] for i in range(1, 2 * m + 1)], axis=-1)
-  targets = distill.rollout_targets(teacher, params, tokens, u, jnp.ones((batch,)))
-  for t in range(m - 1, n):
-    decoded = decode.generate_pflm(teacher, params, tokens[:, :t + 1], key, 1.0,
-                                   gen_len=t + 1 + 2 * m, k=m)
-    np.testing.assert_array_equal(targets[:, t], decoded[:, t + 1:], err_msg=f'window {t}')
+  check_double_forward(teacher, params, 2)
 
 
 def test_lossless_drafts_equal_the_all_windows_forward_and_output_is_ar():
