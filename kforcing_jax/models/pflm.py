@@ -87,15 +87,18 @@ class PushForwardLM(nnx.Module):
   def hint_states(self, u, tau):
     return self.noise_encoder(u, tau).astype(self.backbone.cfg.compute_dtype)
 
+  def _fed(self, tokens):
+    """What a fed token adds to its row's input: its embedding through feedback_in."""
+    cast = self.feedback_in[...].astype(self.backbone.cfg.compute_dtype)
+    return self.backbone.embed_tokens(tokens) @ cast
+
   def _feedback_rows(self, hidden, previous, positions, last_ctx, ctx_len, prefix_kv):
     """The feedback block over window rows. hidden (B, T, W, D): the rows' final states;
     previous (B, T, W - 1): the tokens of slots 1..W-1, fed to rows 2..W; positions
     broadcastable to (B, T, W); last_ctx: the last layer's context (k, v) head-major; prefix_kv:
     (k, v) (B, T, P, Hkv, Dh) of the last layer's window slots before the rows (a decode
     window's pending tokens, a double forward's first half), or None. -> (B, T, W, D)."""
-    cfg = self.backbone.cfg
-    fed = self.backbone.embed_tokens(previous) @ self.feedback_in[...].astype(cfg.compute_dtype)
-    x = hidden + jnp.pad(fed, ((0, 0), (0, 0), (1, 0), (0, 0)))
+    x = hidden + jnp.pad(self._fed(previous), ((0, 0), (0, 0), (1, 0), (0, 0)))
     block = self.feedback
     q, k, v = block.project_qkv(x, positions)
     if prefix_kv is not None:
@@ -128,7 +131,7 @@ class PushForwardLM(nnx.Module):
       return logits, jnp.stack([pick(j, logits[:, :, j]) for j in range(width)], axis=2)
     # slot by slot, one row per pass: row j's input is final once slot j-1 is picked, so its
     # K/V are computed once and kept for the later rows (what _feedback_rows would recompute)
-    cfg, block = self.backbone.cfg, self.feedback
+    block = self.feedback
     _, k0, v0 = block.project_qkv(hidden[:, :, :1], positions[:, :, :1])
     keys, values = [k0], [v0]
     if prefix_kv is not None:
@@ -137,9 +140,7 @@ class PushForwardLM(nnx.Module):
     logits = [head(hidden[:, :, 0])]
     tokens = [pick(0, logits[0])]
     for j in range(1, width):
-      fed_row = (self.backbone.embed_tokens(tokens[-1][:, :, None])
-                 @ self.feedback_in[...].astype(cfg.compute_dtype))
-      x = hidden[:, :, j:j + 1] + fed_row
+      x = hidden[:, :, j:j + 1] + self._fed(tokens[-1][:, :, None])
       q, k, v = block.project_qkv(x, positions[:, :, j:j + 1])
       keys.append(k)
       values.append(v)
