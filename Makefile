@@ -2,10 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/shakespeare_tiny.py
+# the demo runs our distillation recipe (configs/shakespeare_gumbel.py: Gumbel-coupled students
+# with token feedback, README "Results of the default pipeline"); the paper's argmax recipe on
+# the same corpus and teacher is `make paper-recipe`
+CONFIG ?= configs/shakespeare_gumbel.py
 WORKDIR ?= runs/demo
+PAPER_CONFIG := configs/shakespeare_tiny.py
+PAPER_WORKDIR ?= runs/paper_recipe
 
-.PHONY: demo quality gumbel quality-gumbel compare sizes test test-fast venv clean-venv compile-tpu vocab
+.PHONY: demo quality paper-recipe quality-paper-recipe compare sizes test test-fast venv clean-venv compile-tpu vocab
 
 # Ahead-of-time compilation of the paper configs for TPU slices, on this CPU machine; needs
 # libtpu, so a separate venv (jax[tpu] pinned in requirements-tpu.txt). Exit 1 = does not fit.
@@ -23,23 +28,25 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	$(PY) -m kforcing_jax.main.pipeline --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# the same pipeline trained longer (configs/shakespeare_quality.py; 1 h 29 min measured on 2 vCPUs)
+# the same pipeline trained longer (configs/shakespeare_quality_gumbel.py: teacher 3x, stages
+# 2000 / 800 / 800 steps; README "The quality preset")
 quality: venv
-	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality.py --workdir=runs/quality
+	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality_gumbel.py --workdir=runs/quality
 
-# the demo with the Gumbel-coupled distributional readout (configs/shakespeare_gumbel.py: the
-# recipe for lossless decoding; README "The Gumbel-coupled preset")
-gumbel: venv
-	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_gumbel.py --workdir=runs/gumbel
+# the paper's recipe (argmax students, configs/shakespeare_tiny.py) on the demo's corpus and
+# teacher: the base of the speed, lossless, comparison and size sections (README "The paper's
+# recipe"), and of the quality preset with it
+paper-recipe: venv
+	$(PY) -m kforcing_jax.main.pipeline --config=$(PAPER_CONFIG) --workdir=$(PAPER_WORKDIR)
 
-# the quality preset with that recipe (configs/shakespeare_quality_gumbel.py)
-quality-gumbel: venv
-	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality_gumbel.py --workdir=runs/quality_gumbel
+quality-paper-recipe: venv
+	$(PY) -m kforcing_jax.main.pipeline --config=configs/shakespeare_quality.py --workdir=runs/quality_paper_recipe
 
 # K-Forcing beside speculative decoding, independent heads and a masked diffusion LM, trained on
-# the demo's corpus and teacher and timed in one process (README "Compared with"; resumable)
+# the demo's corpus and teacher with the paper's recipe (runs/paper_recipe) and timed in one
+# process (README "Compared with"; resumable)
 compare: venv
-	$(PY) -m kforcing_jax.main.compare --config=$(CONFIG) --workdir=$(WORKDIR) --output=results/compare
+	$(PY) -m kforcing_jax.main.compare --config=$(PAPER_CONFIG) --workdir=$(PAPER_WORKDIR) --output=results/compare
 
 # the pipeline at three model sizes (9x parameters) and with multi-query attention, scored by
 # the demo's evaluator (configs/sizes.py; README "Across model sizes"; ~80 min alone, resumable)

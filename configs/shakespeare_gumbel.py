@@ -1,5 +1,5 @@
-"""The demo with the Gumbel-coupled distributional readout (`make gumbel`): the recipe for
-lossless decoding and for k = 1.
+"""The demo (`make demo`, runs/demo): configs/shakespeare_tiny.py's corpus, teacher and schedule
+with our distillation recipe, the recipe study's winner (results/distill_study/, phases 9-10).
 
 Every student predicts a distribution per slot (model.readout=inverse_cdf, distilled by per-slot
 KL to its teacher's distributions) and every noise picks its token by the Gumbel-max coupling
@@ -13,8 +13,8 @@ with k >= 2 has token feedback (model.token_feedback, phase 10): slots 2..k read
 slots' tokens through one more block (k=2 acc_total 0.42 -> 0.69, k=4 0.26 -> 0.59 in the
 study).
 
-Stages see whole 128-token rows (8 per step, the same 1,024 windows per step as the demo's 16
-rows of 64): generation runs to 128 tokens, and a k = 1 student trained on 64 is 10x further from
+Stages see whole 128-token rows (8 per step, the same 1,024 windows per step as the paper
+recipe's 16 rows of 64): generation runs to 128 tokens, and a k = 1 student trained on 64 is 10x further from
 its teacher beyond position 64 (results/distill_study/coupling.md).
 """
 

@@ -1,6 +1,8 @@
-"""The quality preset (`make quality`): the demo's corpus, model and recipe, trained longer.
+"""The quality schedule with the paper's recipe (`make quality-paper-recipe`): the demo's corpus
+and model with configs/shakespeare_tiny.py's argmax students, trained longer. `make quality` runs
+this schedule with our recipe (configs/shakespeare_quality_gumbel.py).
 
-The demo (configs/shakespeare_tiny.py) is sized to finish in 30 minutes on the 2-vCPU machine;
+The demo size (configs/shakespeare_tiny.py) is sized to finish in 30 minutes on the 2-vCPU machine;
 this preset gives the teacher 3x and the distillation stages 5-8x its steps, sized for at most
 three hours on the same machine. Measured (2026-12-04, README "The quality preset"): 1 h 29 min
 end to end (teacher 26 min, stages 22 / 13 / 20 min, evaluator and evaluation ~9 min).

@@ -6,12 +6,12 @@ each setting's held-out figures beside the default's.
   # teacher-sample pool size; held-out loss and top-1, on each arm's own held-out rows and on
   # the largest pool's held-out rows (common to all arms)
   python -m kforcing_jax.benchmarks.baseline_settings --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --baseline=heads --output=results/compare/heads_settings.json \
+      --workdir=runs/paper_recipe --baseline=heads --output=results/compare/heads_settings.json \
       --learning_rates=1e-3,3e-3,1e-2 --pool_samples=512,2048,8192
   # the masked diffusion LM: from scratch vs from the teacher's weights, --steps each (0: the
   # comparison's budget); held-out ELBO ppl bound and masked-token accuracy
   python -m kforcing_jax.benchmarks.baseline_settings --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --baseline=mdlm --output=results/compare/mdlm_init.json
+      --workdir=runs/paper_recipe --baseline=mdlm --output=results/compare/mdlm_init.json
 
 Each setting trains into <scratch>/<setting>/, a run directory of its own whose teacher/ links
 the run's; resumable and skipped when done. The JSON holds every setting's eval.json; the

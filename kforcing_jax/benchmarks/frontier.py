@@ -2,7 +2,7 @@
 speed against the AR teacher, measured in one process, plus its predicted speed-up on TPU.
 
   python -m kforcing_jax.benchmarks.frontier --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --output=results/frontier
+      --workdir=runs/paper_recipe --output=results/frontier
 
 Settings (kforcing_jax/frontier.py): AR; each student stage lossy with its default frequency
 penalty and none, the widest stage also at --extra_penalties; the widest stage with adaptive k

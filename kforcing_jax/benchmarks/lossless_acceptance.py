@@ -2,7 +2,7 @@
 against the AR teacher, and the speed-up over AR measured in one process.
 
   python -m kforcing_jax.benchmarks.lossless_acceptance --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --output=runs/demo/report/lossless.json [--batch_sizes=1,16,256]
+      --workdir=runs/paper_recipe --output=runs/paper_recipe/report/lossless.json [--batch_sizes=1,16,256]
 
 For each student stage K of the run (and k < K from the widest stage) the AR teacher verifies
 the student's k-token drafts (lossless.verify_loop) on the evaluation prompts

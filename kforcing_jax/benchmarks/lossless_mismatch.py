@@ -1,7 +1,7 @@
 """Where lossless decoding and the AR teacher's own decoder part ways, and by how little.
 
   python -m kforcing_jax.benchmarks.lossless_mismatch --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --k=1 --batch=256
+      --workdir=runs/paper_recipe --k=1 --batch=256
 
 Decodes the evaluation prompts both ways (decode.generate_ar and lossless.generate_lossless,
 same key, same batch) and, for every row that differs, finds the first differing position j,

@@ -13,7 +13,7 @@ where the teacher's and the student's tokens lie in the teacher's CDF (the midpo
 token's interval: the teacher's own map is a fine staircase on the diagonal).
 
   python -m kforcing_jax.benchmarks.noise_map --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --label=demo --output=results/distill_study/noise_map.json
+      --workdir=runs/paper_recipe --label=demo --output=results/distill_study/noise_map.json
 
 --arm=NAME takes the config overrides of that arm of config.study (configs/distill_study.py).
 Each call adds (or replaces) its label in the JSON, then writes the table (.md) and the plot
@@ -31,7 +31,7 @@ from kforcing_jax.resolution import markdown, plot, sweep
 from kforcing_jax.study import finished_k1_run
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/shakespeare_tiny.py', 'run config')
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'a run with teacher/ and student_k1/')
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/paper_recipe', 'a run with teacher/ and student_k1/')
 _ARM = flags.DEFINE_string('arm', '', 'apply this config.study arm\'s overrides (and --seed)')
 _SEED = flags.DEFINE_integer('seed', 0, 'the seed set with --arm')
 _LABEL = flags.DEFINE_string('label', 'demo', 'the row name in the output')

@@ -3,10 +3,10 @@ small AR draft, independent heads and a masked diffusion LM, trained on one corp
 teacher and measured in one process (kforcing_jax/compare.py says how).
 
   python -m kforcing_jax.main.compare --config=configs/shakespeare_tiny.py \
-      --workdir=runs/demo --output=results/compare
+      --workdir=runs/paper_recipe --output=results/compare
 
 1. the run's own models, each skipped when done: the teacher, the distillation stages, the
-   independent evaluator (what `make demo` trains, without its evaluation);
+   independent evaluator (what `make paper-recipe` trains, without its evaluation);
 2. the baselines in <workdir>/baselines/ (rundir.baseline_dir), each resumable and skipped
    when done: the draft model, the heads of every config.compare.heads.ks, the diffusion LM;
 3. the measurement: for each config.compare.batch_sizes (with its --repeats) every method is

@@ -29,7 +29,8 @@ from tests.helpers import params as params_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
-CONFIGS = ('shakespeare_tiny', 'shakespeare_quality', 'lm1b_ar', 'owt_ar', 'distill_study',
+CONFIGS = ('shakespeare_tiny', 'shakespeare_gumbel', 'shakespeare_quality',
+           'shakespeare_quality_gumbel', 'lm1b_ar', 'owt_ar', 'distill_study',
            'test_tiny', 'text_files_tiny')
 
 
