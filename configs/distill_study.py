@@ -1,8 +1,9 @@
 """The distillation-recipe study (kforcing_jax/study.py) on the default corpus and teacher.
 
-Base: the paper-recipe demo config (configs/shakespeare_tiny.py; the arms add the recipe) with held-out evaluation every 50 steps
-for learning curves. Each arm is (name, {dotted config field: value}, why); every arm runs for
-every seed with the same step budget. results/distill_study/SUMMARY.md is made from it by
+Base: the paper-recipe demo config (configs/shakespeare_tiny.py; the arms add the recipe) with
+held-out evaluation every 50 steps for learning curves. Each arm is (name, {dotted config field:
+value}, why); every arm runs for every seed with the same step budget.
+results/distill_study/SUMMARY.md is made from it by
   python -m kforcing_jax.main.distill_study --config=configs/distill_study.py --workdir=runs/demo
 """
 

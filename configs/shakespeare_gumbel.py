@@ -14,8 +14,8 @@ slots' tokens through one more block (k=2 acc_total 0.42 -> 0.69, k=4 0.26 -> 0.
 study).
 
 Stages see whole 128-token rows (8 per step, the same 1,024 windows per step as the paper
-recipe's 16 rows of 64): generation runs to 128 tokens, and a k = 1 student trained on 64 is 10x further from
-its teacher beyond position 64 (results/distill_study/coupling.md).
+recipe's 16 rows of 64): generation runs to 128 tokens, and a k = 1 student trained on 64 is 10x
+further from its teacher beyond position 64 (results/distill_study/coupling.md).
 """
 
 from configs import shakespeare_tiny

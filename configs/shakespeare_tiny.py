@@ -1,10 +1,11 @@
 """The demo size with the paper's recipe (argmax students): `make paper-recipe`, runs/paper_recipe.
 
-The Shakespeare + Milton corpus on a 2-vCPU laptop-class machine. `make demo` runs this with
-our distillation recipe on top (configs/shakespeare_gumbel.py); this file stays the base of every
-Shakespeare preset and of the recipe study, and its argmax students are what the README's
-speed, lossless, comparison and size sections measured. Sized for that machine: data preparation plus teacher training in under 10 minutes, the three
-distillation stages in under 12, evaluation in a few (README has the measured times).
+The Shakespeare + Milton corpus on a 2-vCPU laptop-class machine. `make demo` runs this with our
+distillation recipe on top (configs/shakespeare_gumbel.py); this file stays the base of every
+Shakespeare preset and of the recipe study, and its argmax students are what the README's speed,
+lossless, comparison and size sections measured. Sized for that machine: data preparation plus
+teacher training in under 10 minutes, the three distillation stages in under 12, evaluation in a
+few (README has the measured times).
 """
 
 from configs import common
