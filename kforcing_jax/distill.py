@@ -595,6 +595,7 @@ def run(config, workdir: str, only_stage: int | None = None) -> dict:
       set_aside_if_stale(rundir.stage_dir(workdir, k), k)
       done = progress.read_json(out_path) if only_stage is None else None
       if done is not None:
+        rundir.check_finished_stage(config, rundir.stage_dir(workdir, k))
         results[k] = done
         progress.log(f'[distill k={k}] already done ({out_path}); skipping')
       else:

@@ -198,7 +198,16 @@ def _check_recorded(config, recorded: dict, directory: str, keys) -> None:
             for key in keys if key in recorded and given(key) != recorded[key]]
   if differ:
     raise ValueError(f'{directory} was trained with {", ".join(differ)} '
-                     f'({provenance.config_path(directory)}); use the config it was trained with.')
+                     f'({provenance.config_path(directory)}); use the config it was trained with, '
+                     'or give this config a --workdir of its own.')
+
+
+def check_finished_stage(config, directory: str) -> None:
+  """A finished stage is reused only by a config of its recipe: its recorded student fields
+  (noise -> token map, noise scale, readout) must be config.model's. Stops a run before it builds
+  on students of another recipe (a run directory made by `make demo` before the demo's recipe
+  changed, say) instead of failing at evaluation."""
+  _check_recorded(config, recorded_model(directory), directory, RECORDED_STUDENT_KEYS)
 
 
 def _check_tokenizer(tokenizer, meta: dict, rows: int, where: str) -> None:

@@ -1,11 +1,13 @@
 """rundir: the run-directory layout and the one loader, load_export."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
 
-from configs import test_tiny
-from kforcing_jax import checkpoints, models, provenance, rundir, sharding
+from configs import shakespeare_gumbel, test_tiny
+from kforcing_jax import checkpoints, distill, models, progress, provenance, rundir, sharding
 
 
 @pytest.fixture(scope='module')
@@ -101,3 +103,25 @@ def test_a_student_loads_with_the_map_it_learned(tmp_path):
     other.model[field] = value
     with pytest.raises(ValueError, match=f'model.{field}='):
       rundir.load_export(directory, layout(), config=other)
+
+
+def test_distill_refuses_the_finished_stage_of_another_recipe(tiny_data_config, tmp_path):
+  """A run directory whose stage another recipe distilled (one `make demo` wrote before the
+  demo's recipe changed) is refused before anything trains, naming the fields that differ; the
+  recipe that made it reuses it."""
+  workdir = str(tmp_path)
+  argmax = tiny_data_config
+  argmax.distill.stages = ((1, 20),)
+  directory = rundir.stage_dir(workdir, 1)
+  checkpoints.export_params(rundir.params_dir(directory),
+                            models.student(argmax, 1).init(jax.random.key(0)),
+                            {'kind': 'pflm', 'k': 1})
+  provenance.write_run_config(directory, provenance.run_record(argmax))
+  progress.write_json(rundir.eval_path(directory), {'k': 1, 'acc_total': 0.25})
+
+  recipe = shakespeare_gumbel.with_gumbel_recipe(copy.deepcopy(argmax))
+  recipe.distill.seq_len = recipe.data.seq_len
+  with pytest.raises(ValueError, match=r"model\.cdf_order='id' \(given 'gumbel'\), "
+                     r"model\.readout='argmax' \(given 'inverse_cdf'\).*--workdir of its own"):
+    distill.run(recipe, workdir)
+  assert distill.run(argmax, workdir)[1]['acc_total'] == 0.25
