@@ -24,8 +24,9 @@ from configs import shakespeare_tiny
 def get_config():
   c = with_gumbel_recipe(shakespeare_tiny.get_config())
   # the budget split (README "Results of the default pipeline"): stage k=2 400 steps instead of
-  # 150. The k=4 student's samples inherit stage k=2's error (gen-ppl 1.30x the AR samples' with
-  # 150, 1.11x with 400: results/demo_split/), for ~4.4 more minutes of the demo's 30
+  # 150. The k=4 student's samples inherit stage k=2's error (gen-ppl 1.30x / 1.38x the AR
+  # samples' with 150, 1.11x / 1.17x with 400, seeds 0 / 1: results/demo_split/), for ~4.4 more
+  # minutes of the demo's 30
   c.distill.stages = ((1, 250), (2, 400), (4, 150))
   return c
 
